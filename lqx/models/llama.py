@@ -1,0 +1,289 @@
+"""LLaMA-family decoder as pure functions of ``(config, params)``.
+
+Covers LLaMA / Mistral / SmolLM2 (GQA, RoPE, RMSNorm, SwiGLU, tied or untied
+head) and Qwen2-style q/k/v biases. The parameter pytree is plain nested dicts;
+every kernel is ``(in, out)`` and may be a float array or a ``QArray``::
+
+  embed/embedding                       (V, D)
+  layers_{i}/attn_norm/scale            (D,)
+  layers_{i}/attn/{q,k,v}_proj/kernel   (D, H*Dh), (D, KV*Dh), (D, KV*Dh)
+  layers_{i}/attn/{q,k,v}_proj/bias     only when config.attn_bias
+  layers_{i}/attn/o_proj/kernel         (H*Dh, D)
+  layers_{i}/mlp_norm/scale             (D,)
+  layers_{i}/mlp/{gate,up}_proj/kernel  (D, F)
+  layers_{i}/mlp/down_proj/kernel       (F, D)
+  final_norm/scale                      (D,)
+  lm_head/kernel                        (D, V)   only when not tied
+
+Q/K use Hugging Face's rotary layout (``rotate_half``: the two halves of each
+head are the real and imaginary parts). The block API (``embed``, ``block``,
+``head``) lets calibration run the model one block at a time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from lqx import nn
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+  """Architecture of a LLaMA-family decoder. Hashable: usable as a static jit arg."""
+
+  vocab_size: int
+  dim: int
+  n_layers: int
+  n_heads: int
+  n_kv_heads: int
+  ffn_dim: int
+  head_dim: int | None = None  # default dim // n_heads
+  rope_theta: float = 10000.0
+  norm_eps: float = 1e-5
+  tie_embeddings: bool = True
+  attn_bias: bool = False
+  max_seq_len: int = 2048
+  bos_token_id: int | None = None
+  eos_token_id: int | None = None
+  # muP knobs (1.0 / None = standard parametrization).
+  attn_logit_scale: float | None = None  # None: 1/sqrt(head_dim); muP uses 1/head_dim
+  embed_multiplier: float = 1.0
+  readout_multiplier: float = 1.0
+
+  def __post_init__(self):
+    for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim"):
+      if getattr(self, name) <= 0:
+        raise ValueError(f"LlamaConfig.{name} must be positive, got {getattr(self, name)}")
+    if self.n_heads % self.n_kv_heads:
+      raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+    if self.head_dim is None:
+      if self.dim % self.n_heads:
+        raise ValueError(f"dim={self.dim} is not a multiple of n_heads={self.n_heads}; set head_dim")
+      object.__setattr__(self, "head_dim", self.dim // self.n_heads)
+    if self.head_dim % 2:
+      raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
+
+  @property
+  def q_dim(self) -> int:
+    return self.n_heads * self.head_dim
+
+  @property
+  def kv_dim(self) -> int:
+    return self.n_kv_heads * self.head_dim
+
+  def num_params(self) -> int:
+    shapes = jax.eval_shape(functools.partial(init_params, self), jax.random.key(0))
+    return sum(x.size for x in jax.tree.leaves(shapes))
+
+
+def layer_names(config: LlamaConfig) -> list[str]:
+  return [f"layers_{i}" for i in range(config.n_layers)]
+
+
+# ----------------------------------------------------------------------------- init
+
+
+def init_params(config: LlamaConfig, key: jax.Array, dtype=jnp.float32, std: float = 0.02) -> dict:
+  """Random parameters with the standard LLaMA init (normal(std), unit norm gains)."""
+  c = config
+  keys = iter(jax.random.split(key, 8 * c.n_layers + 2))
+
+  def dense(fan_in, fan_out):
+    return {"kernel": (std * jax.random.normal(next(keys), (fan_in, fan_out))).astype(dtype)}
+
+  params = {"embed": {"embedding": (std * jax.random.normal(next(keys), (c.vocab_size, c.dim))).astype(dtype)}}
+  for name in layer_names(c):
+    attn = {"q_proj": dense(c.dim, c.q_dim), "k_proj": dense(c.dim, c.kv_dim),
+            "v_proj": dense(c.dim, c.kv_dim), "o_proj": dense(c.q_dim, c.dim)}
+    if c.attn_bias:
+      for proj, n in (("q_proj", c.q_dim), ("k_proj", c.kv_dim), ("v_proj", c.kv_dim)):
+        attn[proj]["bias"] = jnp.zeros((n,), dtype)
+    params[name] = {
+        "attn_norm": {"scale": jnp.ones((c.dim,), dtype)},
+        "attn": attn,
+        "mlp_norm": {"scale": jnp.ones((c.dim,), dtype)},
+        "mlp": {"gate_proj": dense(c.dim, c.ffn_dim), "up_proj": dense(c.dim, c.ffn_dim),
+                "down_proj": dense(c.ffn_dim, c.dim)},
+    }
+  params["final_norm"] = {"scale": jnp.ones((c.dim,), dtype)}
+  if not c.tie_embeddings:
+    params["lm_head"] = dense(c.dim, c.vocab_size)
+  return params
+
+
+# ----------------------------------------------------------------------------- pieces
+
+
+class KVCache(NamedTuple):
+  """Keys and values of one block: ``k, v`` of shape (B, S_max, KV, Dh)."""
+
+  k: jax.Array
+  v: jax.Array
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+  """Rotary embedding, HF layout. x: (B, T, N, Dh); positions: (T,) int."""
+  half = x.shape[-1] // 2
+  inv_freq = 1.0 / (theta ** (jnp.arange(half, dtype=jnp.float32) / half))
+  angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # (T, half)
+  cos = jnp.cos(angles)[None, :, None, :]
+  sin = jnp.sin(angles)[None, :, None, :]
+  x32 = x.astype(jnp.float32)
+  x1, x2 = x32[..., :half], x32[..., half:]
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def attention(config: LlamaConfig, p: dict, x: jax.Array, positions: jax.Array,
+              cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+  """Causal GQA self-attention. x: (B, T, D); positions: (T,) absolute positions.
+
+  With a cache of length S, the new keys/values are written at ``positions`` and
+  queries attend to every cached position <= their own.
+  """
+  c = config
+  B, T, _ = x.shape
+  q = nn.linear(x, p["q_proj"]["kernel"], p["q_proj"].get("bias")).reshape(B, T, c.n_heads, c.head_dim)
+  k = nn.linear(x, p["k_proj"]["kernel"], p["k_proj"].get("bias")).reshape(B, T, c.n_kv_heads, c.head_dim)
+  v = nn.linear(x, p["v_proj"]["kernel"], p["v_proj"].get("bias")).reshape(B, T, c.n_kv_heads, c.head_dim)
+  q = rope(q, positions, c.rope_theta)
+  k = rope(k, positions, c.rope_theta)
+  if cache is None:
+    key_pos = positions
+  else:
+    start = positions[0]
+    cache = KVCache(jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), (0, start, 0, 0)),
+                    jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), (0, start, 0, 0)))
+    k, v = cache.k.astype(x.dtype), cache.v.astype(x.dtype)
+    key_pos = jnp.arange(k.shape[1])
+  G = c.n_heads // c.n_kv_heads
+  q = q.reshape(B, T, c.n_kv_heads, G, c.head_dim)
+  scale = c.attn_logit_scale if c.attn_logit_scale is not None else c.head_dim ** -0.5
+  logits = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) * scale
+  mask = key_pos[None, :] <= positions[:, None]  # (T, S)
+  logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1).astype(x.dtype)
+  out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(B, T, c.q_dim)
+  return nn.linear(out, p["o_proj"]["kernel"]), cache
+
+
+def mlp(p: dict, x: jax.Array) -> jax.Array:
+  """SwiGLU: down(silu(gate(x)) * up(x))."""
+  h = jax.nn.silu(nn.linear(x, p["gate_proj"]["kernel"])) * nn.linear(x, p["up_proj"]["kernel"])
+  return nn.linear(h, p["down_proj"]["kernel"])
+
+
+# ----------------------------------------------------------------------------- block API
+
+
+def embed(config: LlamaConfig, params: dict, tokens: jax.Array, dtype=None) -> jax.Array:
+  """tokens (B, T) int -> hidden states (B, T, D)."""
+  table = nn.materialize(params["embed"]["embedding"])
+  x = jnp.take(table, tokens, axis=0)
+  if config.embed_multiplier != 1.0:
+    x = x * config.embed_multiplier
+  return x if dtype is None else x.astype(dtype)
+
+
+def block(config: LlamaConfig, p: dict, x: jax.Array, positions: jax.Array | None = None,
+          cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+  """One pre-norm decoder block. x: (B, T, D) -> (B, T, D)."""
+  if positions is None:
+    positions = jnp.arange(x.shape[1])
+  h, cache = attention(config, p["attn"], nn.rms_norm(x, p["attn_norm"]["scale"], config.norm_eps),
+                       positions, cache)
+  x = x + h
+  x = x + mlp(p["mlp"], nn.rms_norm(x, p["mlp_norm"]["scale"], config.norm_eps))
+  return x, cache
+
+
+def head(config: LlamaConfig, params: dict, x: jax.Array) -> jax.Array:
+  """Final norm and readout: (B, T, D) -> float32 logits (B, T, V)."""
+  x = nn.rms_norm(x, params["final_norm"]["scale"], config.norm_eps)
+  if config.tie_embeddings:
+    w = nn.materialize(params["embed"]["embedding"]).T
+  else:
+    w = params["lm_head"]["kernel"]
+  logits = nn.linear(x, w).astype(jnp.float32)
+  if config.readout_multiplier != 1.0:
+    logits = logits * config.readout_multiplier
+  return logits
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def apply(config: LlamaConfig, params: dict, tokens: jax.Array) -> jax.Array:
+  """tokens (B, T) int32 -> float32 logits (B, T, V). Jitted; config is static."""
+  x = embed(config, params, tokens)
+  for name in layer_names(config):
+    x, _ = block(config, params[name], x)
+  return head(config, params, x)
+
+
+def hidden_states(config: LlamaConfig, params: dict, tokens: jax.Array) -> list[jax.Array]:
+  """Residual stream before each block and after the last: n_layers + 1 arrays (B, T, D)."""
+  xs = [embed(config, params, tokens)]
+  for name in layer_names(config):
+    xs.append(block(config, params[name], xs[-1])[0])
+  return xs
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype=jnp.float32) -> list[KVCache]:
+  shape = (batch, max_len, config.n_kv_heads, config.head_dim)
+  return [KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.n_layers)]
+
+
+def _step(config, params, tokens, positions, caches):
+  x = embed(config, params, tokens)
+  new = []
+  for name, cache in zip(layer_names(config), caches):
+    x, cache = block(config, params[name], x, positions, cache)
+    new.append(cache)
+  return head(config, params, x[:, -1:]), new
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _generate(config, params, prompt, max_new_tokens, temperature, key):
+  B, T = prompt.shape
+  caches = init_cache(config, B, T + max_new_tokens)
+  logits, caches = _step(config, params, prompt, jnp.arange(T), caches)
+
+  def pick(logits, key):
+    greedy = jnp.argmax(logits, axis=-1)
+    sampled = jax.random.categorical(key, logits / jnp.maximum(temperature, 1e-6), axis=-1)
+    return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
+
+  def body(carry, key):
+    logits, caches, pos = carry
+    tok = pick(logits[:, -1], key)
+    logits, caches = _step(config, params, tok[:, None], pos[None], caches)
+    return (logits, caches, pos + 1), tok
+
+  keys = jax.random.split(key, max_new_tokens)
+  _, toks = jax.lax.scan(body, (logits, caches, jnp.int32(T)), keys)
+  return toks.T  # (B, max_new_tokens)
+
+
+def generate(config: LlamaConfig, params: dict, prompt: jax.Array, max_new_tokens: int, *,
+             temperature: float = 0.0, key: jax.Array | None = None) -> jax.Array:
+  """Continues ``prompt`` (B, T) by ``max_new_tokens`` tokens with a KV cache.
+
+  ``temperature == 0`` is greedy (deterministic); otherwise samples with ``key``.
+  Returns the new tokens only, (B, max_new_tokens) int32.
+  """
+  prompt = jnp.asarray(prompt, jnp.int32)
+  if prompt.ndim != 2:
+    raise ValueError(f"prompt must be (batch, time) tokens, got shape {prompt.shape}")
+  if temperature < 0:
+    raise ValueError(f"temperature must be >= 0, got {temperature}")
+  if temperature > 0 and key is None:
+    raise ValueError("sampling (temperature > 0) needs an explicit jax.random key")
+  if key is None:
+    key = jax.random.key(0)
+  return _generate(config, params, prompt, max_new_tokens, jnp.float32(temperature), key)
