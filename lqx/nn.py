@@ -20,7 +20,7 @@ def linear(x: jax.Array, w, bias: jax.Array | None = None) -> jax.Array:
   """``x[..., in] @ w[in, out] (+ bias[out])`` in the dtype of ``x``."""
   y = jnp.einsum("...i,io->...o", x, materialize(w).astype(x.dtype))
   if bias is not None:
-    y = y + bias.astype(y.dtype)
+    y = y + bias.astype(y.dtype).reshape((1,) * (y.ndim - 1) + bias.shape)
   return y
 
 
@@ -28,4 +28,5 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
   """RMSNorm over the last axis, computed in float32 (as LLaMA does)."""
   x32 = x.astype(jnp.float32)
   y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-  return (y * scale.astype(jnp.float32)).astype(x.dtype)
+  scale = scale.astype(jnp.float32).reshape((1,) * (x.ndim - 1) + scale.shape)
+  return (y * scale).astype(x.dtype)

@@ -164,7 +164,7 @@ def attention(config: LlamaConfig, p: dict, x: jax.Array, positions: jax.Array,
   q = q.reshape(B, T, c.n_kv_heads, G, c.head_dim)
   scale = c.attn_logit_scale if c.attn_logit_scale is not None else c.head_dim ** -0.5
   logits = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) * scale
-  mask = key_pos[None, :] <= positions[:, None]  # (T, S)
+  mask = (key_pos[None, :] <= positions[:, None])[None, None, None]  # (1, 1, 1, T, S)
   logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(logits, axis=-1).astype(x.dtype)
   out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(B, T, c.q_dim)

@@ -1,0 +1,39 @@
+"""Shared fixtures: the real SmolLM2-135M model and the Shakespeare splits, loaded once."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+@functools.cache
+def _smollm2():
+  from lqx import assets
+  from lqx.io import gguf
+
+  path = assets.smollm2_gguf()
+  config, params = gguf.load_gguf(path)
+  return config, jax.tree.map(jnp.asarray, params), gguf.load_tokenizer(path)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+  """(config, params, tokenizer) of SmolLM2-135M-Instruct from the packaged GGUF."""
+  return _smollm2()
+
+
+@pytest.fixture(scope="session")
+def heldout_tokens(smollm2):
+  from lqx import data
+
+  return data.tokenize(smollm2[2], data.load_text("heldout"))
+
+
+@pytest.fixture(scope="session")
+def train_tokens(smollm2):
+  from lqx import data
+
+  return data.tokenize(smollm2[2], data.load_text("train"))
