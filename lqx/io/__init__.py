@@ -1,0 +1,64 @@
+"""Model loading: one entry point for named models, GGUF files and Hugging Face folders.
+
+``load_model(x)`` returns ``(LlamaConfig, params)`` and ``load_tokenizer(x)`` the
+matching tokenizer, where ``x`` is
+
+- a packaged model name (``"smollm2-135m"``: the cached SmolLM2-135M-Instruct Q4_1 GGUF);
+- a ``.gguf`` file (``lqx.io.gguf``);
+- a folder with ``config.json`` and safetensors (``lqx.io.hf``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _named() -> dict:
+  from lqx import assets
+
+  return {"smollm2-135m": assets.smollm2_gguf}
+
+
+def _resolve(path_or_name: str | Path) -> tuple[str, Path]:
+  """``("gguf" | "hf", path)`` for a model name, a .gguf file or a Hugging Face folder."""
+  named = _named()
+  if isinstance(path_or_name, str) and path_or_name.lower() in named:
+    return "gguf", Path(named[path_or_name.lower()]())
+  path = Path(path_or_name).expanduser()
+  if path.is_file() and path.suffix == ".gguf":
+    return "gguf", path
+  if path.is_dir() and (path / "config.json").is_file():
+    return "hf", path
+  if path.is_dir():
+    raise ValueError(f"{path}: folder has no config.json (not a Hugging Face model folder)")
+  if path.exists():
+    raise ValueError(f"{path}: not a .gguf file or a Hugging Face model folder")
+  raise ValueError(f"{str(path_or_name)!r} is not a known model name ({', '.join(named)}) "
+                   f"nor an existing .gguf file or Hugging Face folder")
+
+
+def load_model(path_or_name: str | Path) -> tuple:
+  """``(LlamaConfig, params)`` of a named model, a .gguf file or a Hugging Face folder."""
+  kind, path = _resolve(path_or_name)
+  if kind == "gguf":
+    from lqx.io.gguf import load_gguf
+
+    return load_gguf(path)
+  from lqx.io.hf import load_hf
+
+  return load_hf(path)
+
+
+def load_tokenizer(path_or_name: str | Path):
+  """The Hugging Face tokenizer of a named model, a .gguf file or a Hugging Face folder."""
+  kind, path = _resolve(path_or_name)
+  if kind == "gguf":
+    from lqx.io import gguf
+
+    return gguf.load_tokenizer(path)
+  from lqx.io import hf
+
+  return hf.load_tokenizer(path)
+
+
+__all__ = ["load_model", "load_tokenizer"]

@@ -57,6 +57,11 @@ def _field(reader, key: str, path: Path, default=None):
   return f.contents()
 
 
+def _token_id(reader, key: str) -> int | None:
+  f = reader.fields.get(key)
+  return None if f is None else int(f.contents())
+
+
 def read_config(path: str | Path, reader=None) -> LlamaConfig:
   """The architecture metadata of a GGUF file as a ``LlamaConfig``."""
   path = Path(path)
@@ -69,22 +74,29 @@ def read_config(path: str | Path, reader=None) -> LlamaConfig:
   dim = int(_field(r, f"{arch}.embedding_length", path))
   tokens = r.fields.get("tokenizer.ggml.tokens")
   vocab = int(_field(r, f"{arch}.vocab_size", path, default=len(tokens.data) if tokens else -1))
-  return LlamaConfig(
-      vocab_size=vocab,
-      dim=dim,
-      n_layers=int(_field(r, f"{arch}.block_count", path)),
-      n_heads=n_heads,
-      n_kv_heads=int(_field(r, f"{arch}.attention.head_count_kv", path, default=n_heads)),
-      ffn_dim=int(_field(r, f"{arch}.feed_forward_length", path)),
-      head_dim=int(_field(r, f"{arch}.attention.key_length", path, default=dim // n_heads)),
-      rope_theta=float(_field(r, f"{arch}.rope.freq_base", path, default=10000.0)),
-      norm_eps=float(_field(r, f"{arch}.attention.layer_norm_rms_epsilon", path)),
-      tie_embeddings="output.weight" not in names,
-      attn_bias="blk.0.attn_q.bias" in names,
-      max_seq_len=int(_field(r, f"{arch}.context_length", path, default=2048)),
-      bos_token_id=int(_field(r, "tokenizer.ggml.bos_token_id", path, default=-1)),
-      eos_token_id=int(_field(r, "tokenizer.ggml.eos_token_id", path, default=-1)),
-  )
+  if vocab <= 0:
+    raise GGUFError(f"{path}: vocabulary size unknown (no {arch}.vocab_size and no tokenizer.ggml.tokens)")
+  try:
+    return LlamaConfig(
+        vocab_size=vocab,
+        dim=dim,
+        n_layers=int(_field(r, f"{arch}.block_count", path)),
+        n_heads=n_heads,
+        n_kv_heads=int(_field(r, f"{arch}.attention.head_count_kv", path, default=n_heads)),
+        ffn_dim=int(_field(r, f"{arch}.feed_forward_length", path)),
+        head_dim=int(_field(r, f"{arch}.attention.key_length", path, default=dim // n_heads)),
+        rope_theta=float(_field(r, f"{arch}.rope.freq_base", path, default=10000.0)),
+        norm_eps=float(_field(r, f"{arch}.attention.layer_norm_rms_epsilon", path)),
+        tie_embeddings="output.weight" not in names,
+        attn_bias="blk.0.attn_q.bias" in names,
+        max_seq_len=int(_field(r, f"{arch}.context_length", path, default=2048)),
+        bos_token_id=_token_id(r, "tokenizer.ggml.bos_token_id"),
+        eos_token_id=_token_id(r, "tokenizer.ggml.eos_token_id"),
+    )
+  except GGUFError:
+    raise
+  except ValueError as e:  # LlamaConfig's own checks
+    raise GGUFError(f"{path}: {e}") from e
 
 
 def unpermute_rotary(w_out_in: np.ndarray, n_heads: int) -> np.ndarray:
@@ -125,19 +137,25 @@ def load_gguf(path: str | Path) -> tuple[LlamaConfig, dict]:
   r = _reader(path)
   config = read_config(path, r)
   tensors = {t.name: t for t in r.tensors}
+  want = _expected(config)
 
-  def get(name, *, kernel=False, rotary_heads=None):
+  def get(name, sub, *, kernel=False, rotary_heads=None):
     if name not in tensors:
       raise GGUFError(f"{path}: tensor {name!r} is missing")
     w = _dequantize(tensors[name], path)
+    node = want
+    for key in sub:
+      if key not in node:
+        raise GGUFError(f"{path}: unexpected tensor {name!r} (inconsistent with the other blocks?)")
+      node = node[key]
+    shape = tuple(reversed(node.shape)) if kernel else tuple(node.shape)
+    if w.shape != shape:
+      raise GGUFError(f"{path}: tensor {name!r} has shape {w.shape}, expected {shape} (torch (out, in) order)")
     if rotary_heads:
       w = unpermute_rotary(w, rotary_heads)
     return np.ascontiguousarray(w.T) if kernel else w
 
-  params: dict = {"embed": {"embedding": get("token_embd.weight")}}
-  if params["embed"]["embedding"].shape != (config.vocab_size, config.dim):
-    raise GGUFError(f"{path}: token_embd.weight has shape {params['embed']['embedding'].shape}, "
-                    f"expected {(config.vocab_size, config.dim)}")
+  params: dict = {"embed": {"embedding": get("token_embd.weight", ("embed", "embedding"))}}
   for i, name in enumerate(layer_names(config)):
     block: dict = {}
     for suffix, (sub, is_kernel) in _BLOCK_TENSORS.items():
@@ -150,21 +168,28 @@ def load_gguf(path: str | Path) -> tuple[LlamaConfig, dict]:
       node = block
       for key in sub[:-1]:
         node = node.setdefault(key, {})
-      node[sub[-1]] = get(full, kernel=is_kernel, rotary_heads=heads)
+      node[sub[-1]] = get(full, (name, *sub), kernel=is_kernel, rotary_heads=heads)
     params[name] = block
-  params["final_norm"] = {"scale": get("output_norm.weight")}
+  params["final_norm"] = {"scale": get("output_norm.weight", ("final_norm", "scale"))}
   if not config.tie_embeddings:
-    params["lm_head"] = {"kernel": get("output.weight", kernel=True)}
+    params["lm_head"] = {"kernel": get("output.weight", ("lm_head", "kernel"), kernel=True)}
   _check_shapes(config, params, path)
   return config, params
+
+
+def _expected(config: LlamaConfig) -> dict:
+  """The lqx param tree of ``config`` as shapes (``jax.ShapeDtypeStruct`` leaves)."""
+  import jax
+
+  from lqx.models import llama
+
+  return jax.eval_shape(lambda: llama.init_params(config, jax.random.key(0)))
 
 
 def _check_shapes(config: LlamaConfig, params: dict, path: Path) -> None:
   import jax
 
-  from lqx.models import llama
-
-  want = jax.eval_shape(lambda: llama.init_params(config, jax.random.key(0)))
+  want = _expected(config)
   got_paths = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(params)}
   for k, v in jax.tree_util.tree_leaves_with_path(want):
     name = jax.tree_util.keystr(k)
