@@ -1,0 +1,114 @@
+"""GPTQ solve time for one square layer, beside a plain matmul's GFLOP/s in the same run.
+
+The Hessian comes from correlated random inputs (``2 * size`` tokens). Prints the
+compile-included first call, the best of ``--repeats`` warm calls, and the achieved
+GFLOP/s of the solve (flops as run and useful flops, :func:`gptq_flops`) next to a jitted float32
+2048x2048 matmul's GFLOP/s measured in the same run (the machine's practical limit).
+
+  python experiments/bench_gptq.py [--size 4096] [--bits 4] [--group-size 128] [--act-order]
+                                   [--repeats 2] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lqx.quant import gptq
+
+
+def gptq_flops(ic: int, oc: int, block_size: int = 128, chol_block: int = gptq.CHOL_BLOCK) -> dict:
+  """Flops of one solve (multiply-adds x2; elementwise work ignored), two ways.
+
+  ``run``: what ``lqx.quant.gptq`` executes. Static shapes make it mask
+  instead of shrink: the blocked Cholesky's trailing updates are full
+  ``n x n`` matmuls (``2 n^3``), the inverse of the triangular factor is a
+  triangular solve against the identity (``ic^3``), and each of the ``icp/bs``
+  lazy block updates touches all ``icp`` rows (``2 icp^2 oc``, ``icp`` = IC
+  rounded up to whole blocks); in-block feedback is ``2 icp bs oc``.
+
+  ``useful``: the same algorithm without masked work, as the reference counts
+  it: Cholesky ``ic^3/3``, triangular inverse ``ic^3/3``, trailing updates
+  ``ic^2 oc``, in-block feedback ``ic bs oc``.
+  """
+  icp = -(-ic // block_size) * block_size
+  npad = -(-ic // chol_block) * chol_block
+  run = 2 * npad**3 + ic**3 + 2 * icp**2 * oc + 2 * icp * block_size * oc
+  useful = ic**3 / 3 + ic**3 / 3 + ic**2 * oc + ic * block_size * oc
+  return dict(run=float(run), useful=float(useful))
+
+
+def correlated_layer(size: int, seed: int = 0) -> tuple[jax.Array, jax.Array]:
+  """A ``(size, size)`` kernel and the Hessian ``2/N X^T X`` of correlated inputs, ``N = 2 size``."""
+  k_mix, k_x, k_w = jax.random.split(jax.random.key(seed), 3)
+  mix = jnp.eye(size) + jax.random.normal(k_mix, (size, size)) / np.sqrt(size)
+  x = jax.random.normal(k_x, (2 * size, size)) @ mix
+  h = 2 / x.shape[0] * jnp.einsum("ni,nj->ij", x, x, precision=jax.lax.Precision.HIGHEST)
+  w = jax.random.normal(k_w, (size, size)) * 0.02
+  return jax.block_until_ready(w), jax.block_until_ready(h)
+
+
+def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
+  """GFLOP/s of a jitted float32 ``n x n`` matmul (best of ``repeats``)."""
+  a = jax.random.normal(jax.random.key(1), (n, n))
+  f = jax.jit(lambda a, b: a @ b)
+  jax.block_until_ready(f(a, a))
+  best = float("inf")
+  for _ in range(repeats):
+    t = time.perf_counter()
+    jax.block_until_ready(f(a, a))
+    best = min(best, time.perf_counter() - t)
+  return 2 * n**3 / best / 1e9
+
+
+def time_layers(layers, config: gptq.GPTQConfig, repeats: int = 1) -> list[dict]:
+  """Time ``gptq_quantize`` on each ``(name, w, h)``: first call (with compilation), best warm call."""
+  rows = []
+  for name, w, h in layers:
+    t = time.perf_counter()
+    _, info = gptq.gptq_quantize(w, h, config, name=name)
+    first = time.perf_counter() - t
+    best = min(gptq.gptq_quantize(w, h, config, name=name)[1]["seconds"] for _ in range(repeats))
+    flops = gptq_flops(*w.shape, config.block_size)
+    rows.append(dict(name=name, shape=list(w.shape), first_call_s=first, seconds=best,
+                     gflop_run=flops["run"] / 1e9, gflop_useful=flops["useful"] / 1e9,
+                     gflops_per_s_run=flops["run"] / best / 1e9, gflops_per_s_useful=flops["useful"] / best / 1e9,
+                     proxy_loss=info["proxy_loss"], damp=info["damp"]))
+  return rows
+
+
+def main(argv=None) -> dict:
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--size", type=int, default=4096, help="IC = OC of the layer")
+  ap.add_argument("--bits", type=int, default=4)
+  ap.add_argument("--group-size", type=int, default=128)
+  ap.add_argument("--act-order", action="store_true")
+  ap.add_argument("--repeats", type=int, default=2)
+  ap.add_argument("--json", default=None, help="write the results here")
+  args = ap.parse_args(argv)
+
+  config = gptq.GPTQConfig(bits=args.bits, group_size=args.group_size, act_order=args.act_order)
+  w, h = correlated_layer(args.size)
+  peak = matmul_gflops()
+  (row,) = time_layers([(f"random_{args.size}x{args.size}", w, h)], config, args.repeats)
+  result = dict(config=dict(bits=args.bits, group_size=args.group_size, act_order=args.act_order,
+                            block_size=config.block_size), devices=str(jax.devices()),
+                matmul_2048_gflops_per_s=peak, **row)
+  print(f"GPTQ {args.size}x{args.size} W{args.bits} g{args.group_size}{' act-order' if args.act_order else ''}: "
+        f"{row['seconds']:.2f} s warm ({row['first_call_s']:.2f} s first call incl. compile); "
+        f"{row['gflop_run']:.0f} GFLOP as run -> {row['gflops_per_s_run']:.1f} GFLOP/s "
+        f"({row['gflop_useful']:.0f} useful -> {row['gflops_per_s_useful']:.1f}) "
+        f"vs f32 2048^2 matmul {peak:.1f} GFLOP/s ({row['gflops_per_s_run'] / peak:.0%} as run)")
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(result, f, indent=2)
+  return result
+
+
+if __name__ == "__main__":
+  main()
