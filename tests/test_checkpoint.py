@@ -1,0 +1,410 @@
+"""lqx.io.checkpoint: exact orbax round trips of float + QArray trees, atomic saves, clear errors."""
+
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lqx import io as lqx_io
+from lqx import qarray
+from lqx.io import checkpoint as ck
+from lqx.io.checkpoint import CheckpointError
+from lqx.models.llama import LlamaConfig
+from lqx.qarray import QArray
+from lqx.quant.rtn import RTNConfig, rtn_quantize
+
+CONFIG = LlamaConfig(vocab_size=64, dim=32, n_layers=1, n_heads=4, n_kv_heads=2, ffn_dim=64,
+                     rope_theta=1e5, eos_token_id=2)
+
+
+def _is_q(x):
+  return isinstance(x, QArray)
+
+
+def _tree():
+  """A small LLaMA-shaped tree: float leaves of several dtypes and QArrays at 2..8 bits, all layouts."""
+  rng = np.random.default_rng(0)
+
+  def w(*shape, dtype=jnp.float32):
+    return jnp.asarray(rng.normal(size=shape), dtype)
+
+  up = w(32, 64)
+  perm = jnp.asarray(rng.permutation(32), jnp.int32)
+  s_up = jnp.max(jnp.abs(up[perm].reshape(2, 16, 64)), axis=1) / 31
+  return {
+      "embed": {"embedding": w(64, 32)},
+      "layers_0": {
+          "attn_norm": {"scale": jnp.ones((32,), jnp.float32)},
+          "attn": {
+              "q_proj": {"kernel": rtn_quantize(w(32, 32), RTNConfig(bits=2, group_size=16)),
+                         "bias": w(32, dtype=jnp.float16)},
+              "k_proj": {"kernel": rtn_quantize(w(32, 16), RTNConfig(
+                  bits=3, group_size=8, group_axis="ic", sym=True, scale_dtype=jnp.bfloat16))},
+              "v_proj": {"kernel": rtn_quantize(w(32, 16), RTNConfig(
+                  bits=4, group_size=-1, group_axis="tensor", scale_dtype=jnp.float32))},
+              "o_proj": {"kernel": rtn_quantize(w(32, 32), RTNConfig(bits=8, group_size=-1))},
+          },
+          "mlp_norm": {"scale": jnp.ones((32,), jnp.float32)},
+          "mlp": {
+              "gate_proj": {"kernel": rtn_quantize(w(32, 64, dtype=jnp.bfloat16), RTNConfig(bits=5, group_size=32))},
+              "up_proj": {"kernel": qarray.quantize_with_params(
+                  up, s_up, None, bits=6, group_size=16, group_axis="oc", perm=perm)},
+              "down_proj": {"kernel": w(64, 32, dtype=jnp.bfloat16)},
+          },
+      },
+      "final_norm": {"scale": w(32)},
+      "odd.key": {"a/b": jnp.arange(5, dtype=jnp.int32), "empty": {}},
+  }
+
+
+@pytest.fixture(scope="module")
+def params():
+  return _tree()
+
+
+@pytest.fixture(scope="module")
+def saved(params, tmp_path_factory):
+  """A checkpoint of ``params``, saved once; tests that damage it work on a copy."""
+  return ck.save(tmp_path_factory.mktemp("ckpt") / "model", CONFIG, params, metadata={"recipe": "rtn", "ppl": 12.5})
+
+
+def _copy(saved, tmp_path):
+  return shutil.copytree(saved, tmp_path / "copy")
+
+
+def _assert_identical(a, b):
+  """Same tree spec (QArray static fields included) and every leaf bit for bit with the same dtype."""
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
+    assert isinstance(y, jax.Array), path
+    assert x.dtype == y.dtype and x.shape == y.shape, path
+    assert np.asarray(x).tobytes() == np.asarray(y).tobytes(), path
+  for x, y in zip(jax.tree.leaves(a, is_leaf=_is_q), jax.tree.leaves(b, is_leaf=_is_q)):
+    if _is_q(x):
+      for f in ("bits", "group_size", "group_axis", "shape", "dtype", "scale_dtype"):
+        assert getattr(x, f) == getattr(y, f) and type(getattr(x, f)) is type(getattr(y, f)), f
+
+
+def _du(path):
+  return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
+
+
+# ----------------------------------------------------------------------------- round trip
+
+
+def test_round_trip_is_exact(params, saved):
+  config, restored, metadata = ck.restore(saved)
+  assert config == CONFIG
+  assert metadata == {"recipe": "rtn", "ppl": 12.5}
+  _assert_identical(params, restored)
+  q = restored["layers_0"]["mlp"]["up_proj"]["kernel"]
+  assert q.perm is not None and q.zero is None and q.bits == 6
+  assert np.array_equal(q.dequantize(), params["layers_0"]["mlp"]["up_proj"]["kernel"].dequantize())
+  assert sorted(os.listdir(saved)) == [ck.ARRAYS_NAME, ck.JSON_NAME]
+
+
+def test_restore_into_matching_target(params, saved):
+  _, restored, _ = ck.restore(saved, target=jax.eval_shape(lambda: params))
+  _assert_identical(params, restored)
+  _, restored, _ = ck.restore(saved, target=params)
+  _assert_identical(params, restored)
+
+
+def test_load_model_reads_checkpoint_folder(params, saved):
+  config, restored = lqx_io.load_model(saved)
+  assert config == CONFIG
+  _assert_identical(params, restored)
+  with pytest.raises(ValueError, match="no source_model"):
+    lqx_io.load_tokenizer(saved)
+
+
+def test_restore_with_shardings(params, saved):
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("x",))
+  rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  _, restored, _ = ck.restore(saved, shardings=rep)
+  assert all(x.sharding == rep for x in jax.tree.leaves(restored))
+  _assert_identical(params, restored)
+  tree = jax.tree.map(lambda _: rep, params)  # a QArray node holds one Sharding per field
+  _, restored, _ = ck.restore(saved, shardings=tree)
+  assert all(x.sharding == rep for x in jax.tree.leaves(restored))
+  with pytest.raises(CheckpointError, match="embed: shardings has a str"):
+    ck.restore(saved, shardings={**tree, "embed": "x"})
+  with pytest.raises(CheckpointError, match="final_norm: missing from shardings"):
+    ck.restore(saved, shardings={k: v for k, v in tree.items() if k != "final_norm"})
+
+
+def test_restore_sharded_over_8_devices(tmp_path):
+  """Arrays sharded over a simulated 8-device mesh restore into the requested NamedShardings."""
+  script = textwrap.dedent(f"""
+      import jax, jax.numpy as jnp, numpy as np
+      from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+      from lqx.io import checkpoint as ck
+      from lqx.quant.rtn import RTNConfig, rtn_quantize
+      from tests.test_checkpoint import CONFIG
+      assert len(jax.devices()) == 8
+      mesh = Mesh(np.array(jax.devices()), ("x",))
+      oc = NamedSharding(mesh, P(None, "x"))
+      w = jax.device_put(jax.random.normal(jax.random.key(0), (64, 256)), oc)
+      q = jax.tree.map(lambda a: jax.device_put(a, oc), rtn_quantize(w, RTNConfig(bits=3, group_size=32)))
+      params = {{"w": w, "q": q}}
+      ck.save({str(tmp_path / "sharded")!r}, CONFIG, params)
+      shardings = jax.tree.map(lambda a: a.sharding, params)
+      _, out, _ = ck.restore({str(tmp_path / "sharded")!r}, shardings=shardings)
+      for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(out)):
+        assert b.sharding == a.sharding and len(b.addressable_shards) == 8, b.sharding
+        assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
+      print("ok")
+  """)
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = subprocess.run([sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+def test_size_on_disk_matches_bits_per_weight(tmp_path):
+  """Bytes on disk ~= sum(QArray.nbytes) + float bytes: packed codes are stored packed.
+
+  Codes, zeros and scales are uniform random (incompressible; orbax compresses
+  chunks, so low-entropy leaves can take less than their nbytes). Measured with
+  orbax-checkpoint 0.12.8: ~7 KiB fixed (orbax manifests + JSON head) plus ~0.8
+  KiB per array leaf (orbax's per-array metadata and our JSON entry).
+  """
+  rng = np.random.default_rng(1)
+
+  def rand_q(bits, ic, oc, g):
+    gs = (ic // g, oc)
+    return qarray.from_codes(
+        jnp.asarray(rng.integers(0, 2**bits, (ic, oc), dtype=np.uint8)),
+        jnp.asarray(rng.uniform(0.01, 1.0, gs), jnp.float32), jnp.asarray(rng.integers(0, 2**bits, gs)),
+        bits=bits, group_size=g, group_axis="oc", dtype=jnp.float32, scale_dtype=jnp.float16)
+
+  params = {f"layers_{i}": {"kernel": rand_q(b, 512, 512, 64), "norm": jnp.asarray(rng.normal(size=512), jnp.float32)}
+            for i, b in enumerate((2, 3, 4, 8))}
+  path = ck.save(tmp_path / "size", CONFIG, params)
+  payload = sum(x.nbytes for x in jax.tree.leaves(params, is_leaf=_is_q))
+  n_arrays = len(jax.tree.leaves(params))
+  total = _du(path)
+  assert 0.98 * payload <= total <= payload + 16 * 1024 + 1024 * n_arrays, (total, payload, n_arrays)
+  bpw = 8 * sum(x.nbytes for x in jax.tree.leaves(params, is_leaf=_is_q) if _is_q(x)) / (4 * 512 * 512)
+  assert bpw < (2 + 3 + 4 + 8) / 4 + 1  # sanity: packed, not one byte per code
+
+
+# ----------------------------------------------------------------------------- atomic saves
+
+
+def test_refuses_to_overwrite(params, saved, tmp_path):
+  with pytest.raises(FileExistsError, match="already exists; pass overwrite=True"):
+    ck.save(saved, CONFIG, params)
+  other = tmp_path / "notes"
+  other.mkdir()
+  (other / "keep.txt").write_text("mine")
+  with pytest.raises(FileExistsError, match="not an lqx checkpoint folder"):
+    ck.save(other, CONFIG, params, overwrite=True)
+  assert (other / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "two-renames"])
+def test_overwrite_replaces(params, saved, tmp_path, monkeypatch, exchange):
+  path = _copy(saved, tmp_path)
+  if not exchange:
+    monkeypatch.setattr(ck, "_exchange", lambda a, b: False)
+  small = {"w": jnp.arange(6, dtype=jnp.float32)}
+  ck.save(path, CONFIG, small, metadata={"v": 2}, overwrite=True)
+  _, restored, metadata = ck.restore(path)
+  assert metadata == {"v": 2}
+  _assert_identical(small, restored)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["copy"]
+
+
+def _boom(*args, **kwargs):
+  raise RuntimeError("simulated crash")
+
+
+@pytest.mark.parametrize("where", ["json", "orbax"])
+def test_interrupted_save_leaves_nothing(params, tmp_path, monkeypatch, where):
+  dest = tmp_path / "model"
+  real = ck._save_arrays
+  if where == "json":
+    monkeypatch.setattr(ck, "_write_json", _boom)
+  else:
+    def partial(path, tree):
+      real(path, {k: tree[k] for k in list(tree)[:1]})
+      raise RuntimeError("simulated crash")
+
+    monkeypatch.setattr(ck, "_save_arrays", partial)
+  with pytest.raises(RuntimeError, match="simulated crash"):
+    ck.save(dest, CONFIG, params)
+  assert not dest.exists()
+  assert list(tmp_path.iterdir()) == []  # the temp folder was cleaned up
+  with pytest.raises(CheckpointError, match="does not exist"):
+    ck.restore(dest)
+
+
+def test_killed_save_leaves_only_a_refused_temp_folder(params, tmp_path, monkeypatch):
+  """A process killed before cleanup leaves a hidden temp folder that never restores as valid."""
+  dest = tmp_path / "model"
+  monkeypatch.setattr(ck, "_discard", lambda path: None)  # no cleanup: the process died
+  real_rename = os.rename
+
+  def rename(src, dst):  # dies just before the final rename, after JSON and arrays are complete
+    if ck.TMP_MARK in os.path.basename(src):
+      raise RuntimeError("simulated crash")
+    real_rename(src, dst)
+
+  monkeypatch.setattr(os, "rename", rename)
+  with pytest.raises(RuntimeError, match="simulated crash"):
+    ck.save(dest, CONFIG, params)
+  monkeypatch.undo()
+  assert not dest.exists()
+  (tmp,) = tmp_path.iterdir()
+  assert tmp.name.startswith(".model" + ck.TMP_MARK) and (tmp / ck.JSON_NAME).is_file()
+  with pytest.raises(CheckpointError, match="leftover of an interrupted save"):
+    ck.restore(dest)
+  with pytest.raises(CheckpointError, match="temporary folder of an lqx save"):
+    ck.restore(tmp)
+  with pytest.raises(CheckpointError, match="temporary folder of an lqx save"):
+    lqx_io.load_model(tmp)
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "two-renames"])
+def test_failed_overwrite_keeps_old_checkpoint(params, saved, tmp_path, monkeypatch, exchange):
+  path = _copy(saved, tmp_path)
+  if not exchange:
+    monkeypatch.setattr(ck, "_exchange", lambda a, b: False)
+  monkeypatch.setattr(ck, "_write_json", _boom)
+  with pytest.raises(RuntimeError, match="simulated crash"):
+    ck.save(path, CONFIG, {"w": jnp.zeros(3)}, overwrite=True)
+  monkeypatch.undo()
+  if not exchange:  # the last step fails: the old folder was moved aside, and must come back
+    monkeypatch.setattr(ck, "_exchange", lambda a, b: False)
+    real_rename = os.rename
+
+    def rename(src, dst):
+      if ck.TMP_MARK in os.path.basename(src):
+        raise OSError("simulated rename failure")
+      real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(OSError, match="simulated rename failure"):
+      ck.save(path, CONFIG, {"w": jnp.zeros(3)}, overwrite=True)
+    monkeypatch.undo()
+  _, restored, metadata = ck.restore(path)
+  _assert_identical(params, restored)
+  assert metadata["recipe"] == "rtn"
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["copy"]
+
+
+def test_save_rejects_bad_inputs_before_writing(params, tmp_path):
+  dest = tmp_path / "model"
+  with pytest.raises(TypeError, match="metadata is not JSON-serializable"):
+    ck.save(dest, CONFIG, params, metadata={"f": object()})
+  with pytest.raises(TypeError, match="config must be a LlamaConfig"):
+    ck.save(dest, {"dim": 32}, params)
+  with pytest.raises(CheckpointError, match="layers_0/x: unsupported node of type list"):
+    ck.save(dest, CONFIG, {"layers_0": {"x": [1, 2]}})
+  with pytest.raises(CheckpointError, match="w: numpy array of dtype float64"):
+    ck.save(dest, CONFIG, {"w": np.zeros(3)})
+  assert list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def _shape_tree(params):
+  return jax.eval_shape(lambda: params)
+
+
+def _drop(t):
+  del t["layers_0"]["mlp"]["down_proj"]
+  return t
+
+
+def _add(t):
+  t["layers_0"]["mlp"]["extra"] = jax.ShapeDtypeStruct((3,), jnp.float32)
+  return t
+
+
+def _reshape(t):
+  t["embed"]["embedding"] = jax.ShapeDtypeStruct((64, 16), jnp.float32)
+  return t
+
+
+def _retype(t):
+  t["final_norm"]["scale"] = jax.ShapeDtypeStruct((32,), jnp.bfloat16)
+  return t
+
+
+def _rebits(t):
+  k = t["layers_0"]["attn"]["q_proj"]
+  k["kernel"] = dataclasses.replace(k["kernel"], bits=3)
+  return t
+
+
+def _dequantized(t):
+  t["layers_0"]["attn"]["k_proj"]["kernel"] = jax.ShapeDtypeStruct((32, 16), jnp.float32)
+  return t
+
+
+def _symmetric(t):
+  k = t["layers_0"]["attn"]["o_proj"]
+  k["kernel"] = dataclasses.replace(k["kernel"], zero=None)
+  return t
+
+
+@pytest.mark.parametrize("edit, message", [
+    (_drop, "layers_0/mlp/down_proj: in the checkpoint but not in the target"),
+    (_add, "layers_0/mlp/extra: in the target but not in the checkpoint"),
+    (_reshape, r"embed/embedding: checkpoint has an array \(64, 32\) float32, target has an array \(64, 16\)"),
+    (_retype, "final_norm/scale: checkpoint has an array .* float32, target has an array .* bfloat16"),
+    (_rebits, "layers_0/attn/q_proj/kernel: QArray bits is 2 in the checkpoint, 3 in the target"),
+    (_dequantized, "layers_0/attn/k_proj/kernel: checkpoint has a QArray, target has an array"),
+    (_symmetric, r"layers_0/attn/o_proj/kernel.zero: checkpoint has an array \(1, 32\) uint8, target has None"),
+])
+def test_mismatched_target_names_first_path(params, saved, edit, message):
+  with pytest.raises(CheckpointError, match="target does not match the checkpoint at " + message):
+    ck.restore(saved, target=edit(_shape_tree(params)))
+
+
+def _edit_json(path, fn):
+  jpath = path / ck.JSON_NAME
+  doc = json.loads(jpath.read_text())
+  fn(doc)
+  jpath.write_text(json.dumps(doc))
+
+
+def _set_shape(doc):
+  doc["tree"]["dict"]["embed"]["dict"]["embedding"]["array"]["shape"] = [32, 64]
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda p: (p / ck.JSON_NAME).write_text((p / ck.JSON_NAME).read_text()[:200]), "corrupt, not valid JSON"),
+    (lambda p: _edit_json(p, lambda d: d.update(version=2)), "format version 2; this lqx reads version 1"),
+    (lambda p: _edit_json(p, lambda d: d.update(format="other")), "corrupt, not an lqx checkpoint description"),
+    (lambda p: _edit_json(p, lambda d: d.pop("tree")), "corrupt, 'tree' is missing"),
+    (lambda p: _edit_json(p, lambda d: d["config"].update(dim=-1)), "corrupt config: LlamaConfig.dim"),
+    (lambda p: _edit_json(p, _set_shape), r"corrupt, embed/embedding is \(32, 64\) float32 in lqx_checkpoint.json "
+                                          r"but \(64, 32\) float32 in arrays/"),
+    (lambda p: _edit_json(p, lambda d: d.update(tree={"dict": {"w": {"arr": 1}}})), "corrupt tree description"),
+    (lambda p: (p / ck.JSON_NAME).unlink(), "not an lqx checkpoint folder"),
+    (lambda p: shutil.rmtree(p / ck.ARRAYS_NAME), "arrays/ folder is missing"),
+])
+def test_damaged_checkpoint_errors(saved, tmp_path, damage, message):
+  path = _copy(saved, tmp_path)
+  damage(path)
+  with pytest.raises(CheckpointError, match=message):
+    ck.restore(path)
+
+
+def test_not_a_checkpoint(tmp_path):
+  with pytest.raises(CheckpointError, match="does not exist; expected an lqx checkpoint folder"):
+    ck.restore(tmp_path / "missing")
+  with pytest.raises(CheckpointError, match=r"not an lqx checkpoint folder \(no lqx_checkpoint.json\)"):
+    ck.restore(tmp_path)
