@@ -1,6 +1,10 @@
-"""`make demo`: SmolLM2-135M on held-out Shakespeare — perplexity and a generated continuation.
+"""`make demo`: SmolLM2-135M on held-out Shakespeare — perplexity, generation, quantization table.
 
-  python experiments/demo.py [--eval-tokens N] [--seq-len 512]
+  python experiments/demo.py [--eval-tokens N] [--seq-len 512] [--calib-samples 32] [--quick]
+
+Writes results/demo.json, results/quant_table.md and results/quant_ppl_vs_bits.png.
+The source model is itself stored as Q4_1 (4-bit, groups of 32): its dequantized
+weights are the float reference, and 4-bit results on it are flattering.
 """
 
 from __future__ import annotations
@@ -13,9 +17,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lqx import data, eval as lqx_eval, io
+from lqx import data, eval as lqx_eval, io, plots, recipe
 from lqx.models import llama
 
+# (label, bits, group_size); every method runs at every setting.
+SETTINGS = (("W4 g128", 4, 128), ("W3 g128", 3, 128), ("W3 g64", 3, 64), ("W3 per-ch", 3, -1), ("W2 g64", 2, 64))
+QUICK_SETTINGS = (("W3 g64", 3, 64),)
 PROMPT = "ROMEO.\nBut soft, what light through yonder window breaks?"
 
 
@@ -23,7 +30,12 @@ def main(argv=None) -> dict:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--model", default="smollm2-135m")
   ap.add_argument("--seq-len", type=int, default=512)
-  ap.add_argument("--eval-tokens", type=int, default=None, help="cap on held-out tokens (default: all)")
+  ap.add_argument("--eval-tokens", type=int, default=32768, help="cap on held-out tokens (0: all)")
+  ap.add_argument("--calib-samples", type=int, default=32)
+  ap.add_argument("--calib-seq-len", type=int, default=512)
+  ap.add_argument("--methods", default=",".join(recipe.METHODS))
+  ap.add_argument("--quick", action="store_true", help="one setting (W3 g64) only")
+  ap.add_argument("--no-quant", action="store_true", help="skip the quantization table")
   ap.add_argument("--new-tokens", type=int, default=48)
   ap.add_argument("--out", default="results", help="folder for demo.json")
   args = ap.parse_args(argv)
@@ -35,7 +47,7 @@ def main(argv=None) -> dict:
         f"vocab {config.vocab_size}, {config.num_params() / 1e6:.1f}M params")
 
   tokens = data.tokenize(tokenizer, data.load_text("heldout"))
-  res = lqx_eval.perplexity(config, params, tokens, seq_len=args.seq_len, max_tokens=args.eval_tokens)
+  res = lqx_eval.perplexity(config, params, tokens, seq_len=args.seq_len, max_tokens=args.eval_tokens or None)
   print(f"held-out perplexity ({', '.join(data.HELDOUT_WORKS)}): {res.ppl:.3f} "
         f"over {res.tokens} predicted tokens ({res.windows} windows of {res.seq_len}), "
         f"{res.tokens_per_second:.0f} tok/s")
@@ -47,9 +59,51 @@ def main(argv=None) -> dict:
 
   out = {"model": args.model, "perplexity": res.to_json(), "prompt": PROMPT, "continuation": continuation}
   Path(args.out).mkdir(parents=True, exist_ok=True)
+  if not args.no_quant:
+    train = data.tokenize(tokenizer, data.load_text("train"))
+    calib = data.sample_windows(train, args.calib_samples, args.calib_seq_len, seed=0)
+    out["quantization"] = quant_table(config, params, calib, tokens, res, args)
   with open(Path(args.out) / "demo.json", "w") as f:
     json.dump(out, f, indent=2)
   return out
+
+
+def quant_table(config, params, calib, tokens, fp, args) -> list[dict]:
+  """Every method at every setting: bits per weight, perplexity, paired NLL difference."""
+  rows = []
+  settings = QUICK_SETTINGS if args.quick else SETTINGS
+  for label, bits, group_size in settings:
+    for name in args.methods.split(","):
+      method = recipe.make_method(name, bits=bits, group_size=group_size)
+      print(f"\n== {name} {label} ==")
+      qparams, report = recipe.quantize(config, params, recipe.default_recipe(method), calib)
+      q = lqx_eval.perplexity(config, qparams, tokens, seq_len=args.seq_len, max_tokens=args.eval_tokens or None)
+      n_ic = sum(l.group_axis == "ic" for l in report.layers)
+      rows.append({"method": name, "label": label, "bits": bits, "group_size": group_size,
+                   "bits_per_weight": report.bits_per_weight, "ppl_q": q.ppl,
+                   "paired": lqx_eval.paired_difference(fp, q), "quantize_seconds": report.seconds,
+                   "per_ic_layers": n_ic, "layers": len(report.layers)})
+      print(f"{name} {label}: {report.bits_per_weight:.3f} bits/weight, ppl {q.ppl:.2f}, "
+            f"per-IC layers {n_ic}/{len(report.layers)}, {report.seconds:.0f} s")
+  table = format_table(rows, fp.ppl, fp.tokens, calib.shape)
+  print("\n" + table)
+  (Path(args.out) / "quant_table.md").write_text(table + "\n")
+  plots.ppl_vs_bits(rows, Path(args.out) / "quant_ppl_vs_bits.png", ppl_fp=fp.ppl,
+                    title=f"SmolLM2-135M, held-out Shakespeare ({fp.tokens} tokens)")
+  return rows
+
+
+def format_table(rows, ppl_fp, eval_tokens, calib_shape) -> str:
+  lines = [f"Float (Q4_1 source dequantized): ppl {ppl_fp:.2f}; {eval_tokens} held-out tokens; "
+           f"calibration {calib_shape[0]} x {calib_shape[1]} training tokens.", "",
+           "| setting | method | bits/weight | ppl | mean NLL diff vs float (95% CI) | per-IC layers | seconds |",
+           "|---|---|---|---|---|---|---|"]
+  for r in rows:
+    d = r["paired"]
+    lines.append(f"| {r['label']} | {r['method']} | {r['bits_per_weight']:.3f} | {r['ppl_q']:.2f} | "
+                 f"{d['mean_nll_diff']:+.4f} ± {d['ci95']:.4f} | {r['per_ic_layers']}/{r['layers']} | "
+                 f"{r['quantize_seconds']:.0f} |")
+  return "\n".join(lines)
 
 
 if __name__ == "__main__":

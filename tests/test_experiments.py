@@ -4,6 +4,8 @@ import importlib.util
 import json
 import pathlib
 
+import pytest
+
 EXPERIMENTS = pathlib.Path(__file__).parent.parent / "experiments"
 
 
@@ -40,6 +42,32 @@ def test_bench_forward(tmp_path):
 
 
 def test_demo(tmp_path):
-  res = run_script("demo", ["--seq-len", "128", "--eval-tokens", "256", "--new-tokens", "4",
+  res = run_script("demo", ["--seq-len", "128", "--eval-tokens", "256", "--new-tokens", "4", "--no-quant",
                             "--out", str(tmp_path)])
   assert (tmp_path / "demo.json").exists() and res["perplexity"]["windows"] == 2
+
+
+def test_demo_quant_table(tmp_path):
+  res = run_script("demo", ["--seq-len", "128", "--eval-tokens", "256", "--new-tokens", "2", "--quick",
+                            "--methods", "rtn,gptq", "--calib-samples", "2", "--calib-seq-len", "64",
+                            "--out", str(tmp_path)])
+  rows = res["quantization"]
+  assert [r["method"] for r in rows] == ["rtn", "gptq"]
+  assert (tmp_path / "quant_ppl_vs_bits.png").stat().st_size > 10_000
+  assert "| W3 g64 | gptq |" in (tmp_path / "quant_table.md").read_text()
+
+
+def test_quantize_save_then_eval_checkpoint(tmp_path):
+  out = tmp_path / "q.json"
+  res = run_script("quantize", ["--method", "adadim-rtn", "--bits", "4", "--group-size", "64",
+                                "--calib-samples", "2", "--calib-seq-len", "64", "--eval-tokens", "256",
+                                "--eval-seq-len", "128", "--save", str(tmp_path / "ckpt"), "--json", str(out)])
+  saved = json.loads(out.read_text())
+  for key in ("method", "bits", "group_size", "group_axis", "bits_per_weight", "ppl_fp", "ppl_q", "eval_tokens",
+              "quantize_seconds", "layers"):
+    assert key in saved
+  assert {"name", "error", "group_axis"} <= set(saved["layers"][0])
+  assert len(saved["layers"]) == 210 and saved["bits_per_weight"] == res["bits_per_weight"]
+  # The saved checkpoint evaluates to the same perplexity through eval_ppl.
+  again = run_script("eval_ppl", ["--model", str(tmp_path / "ckpt"), "--seq-len", "128", "--max-tokens", "256"])
+  assert again["ppl"] == pytest.approx(res["ppl_q"], rel=1e-5)

@@ -139,11 +139,12 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
 
 
 def attention(config: LlamaConfig, p: dict, x: jax.Array, positions: jax.Array,
-              cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+              cache: KVCache | None = None, record: dict | None = None) -> tuple[jax.Array, KVCache | None]:
   """Causal GQA self-attention. x: (B, T, D); positions: (T,) absolute positions.
 
   With a cache of length S, the new keys/values are written at ``positions`` and
-  queries attend to every cached position <= their own.
+  queries attend to every cached position <= their own. ``record``, if given, gets
+  the input of o_proj under ``"o_in"`` (B, T, H*Dh).
   """
   c = config
   B, T, _ = x.shape
@@ -168,12 +169,16 @@ def attention(config: LlamaConfig, p: dict, x: jax.Array, positions: jax.Array,
   logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(logits, axis=-1).astype(x.dtype)
   out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(B, T, c.q_dim)
+  if record is not None:
+    record["o_in"] = out
   return nn.linear(out, p["o_proj"]["kernel"]), cache
 
 
-def mlp(p: dict, x: jax.Array) -> jax.Array:
-  """SwiGLU: down(silu(gate(x)) * up(x))."""
+def mlp(p: dict, x: jax.Array, record: dict | None = None) -> jax.Array:
+  """SwiGLU: down(silu(gate(x)) * up(x)). ``record`` gets down_proj's input as ``"down_in"``."""
   h = jax.nn.silu(nn.linear(x, p["gate_proj"]["kernel"])) * nn.linear(x, p["up_proj"]["kernel"])
+  if record is not None:
+    record["down_in"] = h
   return nn.linear(h, p["down_proj"]["kernel"])
 
 
@@ -190,15 +195,63 @@ def embed(config: LlamaConfig, params: dict, tokens: jax.Array, dtype=None) -> j
 
 
 def block(config: LlamaConfig, p: dict, x: jax.Array, positions: jax.Array | None = None,
-          cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
-  """One pre-norm decoder block. x: (B, T, D) -> (B, T, D)."""
+          cache: KVCache | None = None, record: dict | None = None) -> tuple[jax.Array, KVCache | None]:
+  """One pre-norm decoder block. x: (B, T, D) -> (B, T, D).
+
+  ``record``, if given, is filled with the input of every linear (the taps of
+  ``STAGES``): ``attn_in``, ``o_in``, ``mlp_in``, ``down_in``.
+  """
   if positions is None:
     positions = jnp.arange(x.shape[1])
-  h, cache = attention(config, p["attn"], nn.rms_norm(x, p["attn_norm"]["scale"], config.norm_eps),
-                       positions, cache)
+  h = nn.rms_norm(x, p["attn_norm"]["scale"], config.norm_eps)
+  if record is not None:
+    record["attn_in"] = h
+  h, cache = attention(config, p["attn"], h, positions, cache, record)
   x = x + h
-  x = x + mlp(p["mlp"], nn.rms_norm(x, p["mlp_norm"]["scale"], config.norm_eps))
+  h = nn.rms_norm(x, p["mlp_norm"]["scale"], config.norm_eps)
+  if record is not None:
+    record["mlp_in"] = h
+  x = x + mlp(p["mlp"], h, record)
   return x, cache
+
+
+class Stage(NamedTuple):
+  """Linears of a block that share one input (a tap), in execution order.
+
+  ``judge`` names the output on which AdaDim compares quantizations of them:
+  the attention output for q/k/v, the MLP output for gate/up, their own
+  output for o and down (``judge_output``).
+  """
+
+  tap: str
+  linears: tuple[str, ...]  # paths inside a block, e.g. "attn/q_proj"
+  judge: str
+
+
+# GPTQ's "true sequential" order: each stage is quantized before the next one's inputs are taken.
+STAGES = (
+    Stage("attn_in", ("attn/q_proj", "attn/k_proj", "attn/v_proj"), "attn"),
+    Stage("o_in", ("attn/o_proj",), "attn/o_proj"),
+    Stage("mlp_in", ("mlp/gate_proj", "mlp/up_proj"), "mlp"),
+    Stage("down_in", ("mlp/down_proj",), "mlp/down_proj"),
+)
+
+
+def block_taps(config: LlamaConfig, p: dict, x: jax.Array) -> tuple[jax.Array, dict]:
+  """One block's output (B, T, D) and the inputs of its linears (``block``'s record)."""
+  record: dict = {}
+  y, _ = block(config, p, x, record=record)
+  return y, record
+
+
+def judge_output(config: LlamaConfig, p: dict, judge: str, tap: jax.Array) -> jax.Array:
+  """The output named by ``judge`` (see ``Stage``) of block params ``p`` on its tap input."""
+  if judge == "attn":
+    return attention(config, p["attn"], tap, jnp.arange(tap.shape[1]))[0]
+  if judge == "mlp":
+    return mlp(p["mlp"], tap)
+  group, proj = judge.split("/")
+  return nn.linear(tap, p[group][proj]["kernel"])
 
 
 def head(config: LlamaConfig, params: dict, x: jax.Array) -> jax.Array:

@@ -1,0 +1,94 @@
+"""Quantize a model with RTN, GPTQ or AdaDim and compare held-out perplexity.
+
+  python experiments/quantize.py --method gptq --bits 3 --group-size 64 [--act-order]
+      [--calib-samples 32 --calib-seq-len 512] [--eval-tokens 32768] [--save DIR] [--json OUT]
+
+Calibration windows are sampled (seeded) from the training works; evaluation uses the
+held-out works or ``--text-file``. ``--save DIR`` writes an orbax checkpoint that
+``experiments/eval_ppl.py --model DIR`` evaluates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from lqx import data, eval as lqx_eval, io, recipe
+from lqx.io import checkpoint
+
+
+def main(argv=None) -> dict:
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--model", default="smollm2-135m")
+  ap.add_argument("--method", choices=recipe.METHODS, default="gptq")
+  ap.add_argument("--bits", type=int, default=4)
+  ap.add_argument("--group-size", type=int, default=128, help="-1: per channel")
+  ap.add_argument("--group-axis", choices=("oc", "ic"), default="oc", help="ignored by AdaDim (it chooses)")
+  ap.add_argument("--sym", action=argparse.BooleanOptionalAction, default=False, help="--sym / --no-sym (asym)")
+  ap.add_argument("--asym", dest="sym", action="store_false")
+  ap.add_argument("--act-order", action="store_true")
+  ap.add_argument("--static-groups", action="store_true")
+  ap.add_argument("--mse", action="store_true", help="MSE clipping search for the scales")
+  ap.add_argument("--calib-samples", type=int, default=32)
+  ap.add_argument("--calib-seq-len", type=int, default=512)
+  ap.add_argument("--eval-tokens", type=int, default=32768, help="held-out tokens evaluated (0: all)")
+  ap.add_argument("--eval-seq-len", type=int, default=512)
+  ap.add_argument("--text-file", help="evaluation text (default: held-out Shakespeare works)")
+  ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--save", help="write the quantized model here (orbax checkpoint)")
+  ap.add_argument("--json", help="write the results here")
+  args = ap.parse_args(argv)
+
+  method = recipe.make_method(args.method, bits=args.bits, group_size=args.group_size, group_axis=args.group_axis,
+                              sym=args.sym, act_order=args.act_order, static_groups=args.static_groups,
+                              mse=args.mse)
+  config, params = io.load_model(args.model)
+  params = jax.tree.map(jnp.asarray, params)
+  tokenizer = io.load_tokenizer(args.model)
+  train = data.tokenize(tokenizer, data.load_text("train"))
+  calib = data.sample_windows(train, args.calib_samples, args.calib_seq_len, args.seed)
+  if args.text_file:
+    with open(args.text_file, encoding="utf-8") as f:
+      evaluation = data.tokenize(tokenizer, f.read())
+  else:
+    evaluation = data.tokenize(tokenizer, data.load_text("heldout"))
+  max_tokens = args.eval_tokens or None
+
+  qparams, report = recipe.quantize(config, params, recipe.default_recipe(method), calib)
+  fp = lqx_eval.perplexity(config, params, evaluation, seq_len=args.eval_seq_len, max_tokens=max_tokens)
+  q = lqx_eval.perplexity(config, qparams, evaluation, seq_len=args.eval_seq_len, max_tokens=max_tokens)
+  axes = sorted({l.group_axis for l in report.layers})
+  out = {
+      "model": str(args.model), "method": args.method, "bits": args.bits, "group_size": args.group_size,
+      "group_axis": args.group_axis if not args.method.startswith("adadim") else "adaptive",
+      "sym": args.sym, "act_order": args.act_order, "bits_per_weight": report.bits_per_weight,
+      "ppl_fp": fp.ppl, "ppl_q": q.ppl, "paired": lqx_eval.paired_difference(fp, q),
+      "eval_tokens": q.tokens, "eval_seq_len": args.eval_seq_len,
+      "calib_samples": args.calib_samples, "calib_seq_len": args.calib_seq_len, "seed": args.seed,
+      "quantize_seconds": report.seconds, "axes_used": axes,
+      "layers": [{"name": l.name, "error": l.error, "error_kind": l.error_kind, "group_axis": l.group_axis,
+                  "bits_per_weight": l.bits_per_weight, "candidates": l.candidates, "skipped": l.skipped}
+                 for l in report.layers],
+  }
+  print(f"{args.method} W{args.bits} g{args.group_size}: {report.bits_per_weight:.3f} bits/weight, "
+        f"ppl {fp.ppl:.2f} (float) -> {q.ppl:.2f} on {q.tokens} tokens; quantized in {report.seconds:.0f} s")
+  if args.method.startswith("adadim"):
+    n_ic = sum(l.group_axis == "ic" for l in report.layers)
+    print(f"AdaDim chose per-IC for {n_ic} of {len(report.layers)} layers")
+  if args.save:
+    source = args.model if args.model in io.NAMED_MODELS else str(Path(args.model).resolve())
+    meta = {k: v for k, v in out.items() if k != "layers"}
+    path = checkpoint.save(args.save, config, qparams, metadata={**meta, "source_model": source})
+    print(f"saved to {path}")
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(out, f, indent=2)
+  return out
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,41 @@
+"""Figures shared by the experiment scripts and notebooks (matplotlib, Agg backend)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+MARKERS = {"rtn": "o", "gptq": "s", "adadim-rtn": "^", "adadim-gptq": "D"}
+
+
+def ppl_vs_bits(rows: list[dict], path: str | Path, *, ppl_fp: float | None = None, title: str = "") -> Path:
+  """Perplexity (log scale) against bits per weight, one series per method.
+
+  ``rows``: dicts with ``method``, ``bits_per_weight``, ``ppl_q`` and ``label`` (e.g. "W3 g64").
+  """
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  for method in dict.fromkeys(r["method"] for r in rows):
+    rs = sorted((r for r in rows if r["method"] == method), key=lambda r: r["bits_per_weight"])
+    ax.plot([r["bits_per_weight"] for r in rs], [r["ppl_q"] for r in rs], marker=MARKERS.get(method, "x"),
+            linestyle="none", label=method, alpha=0.85)
+    for r in rs:
+      ax.annotate(r["label"], (r["bits_per_weight"], r["ppl_q"]), fontsize=6, alpha=0.7,
+                  xytext=(3, 3), textcoords="offset points")
+  if ppl_fp is not None:
+    ax.axhline(ppl_fp, color="k", linestyle="--", linewidth=1, label=f"float ({ppl_fp:.1f})")
+  ax.set_yscale("log")
+  ax.set_xlabel("bits per weight (codes + scales + zeros)")
+  ax.set_ylabel("held-out perplexity")
+  ax.set_title(title)
+  ax.grid(True, which="both", alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path
