@@ -9,9 +9,15 @@ each group::
 Group layouts (``group_axis``, ``group_size``; ``-1`` is one group spanning the axis):
 
 * ``"oc"``: per-OC groups, ``g`` consecutive input channels of one output
-  channel (GPTQ's g128). ``scale`` is ``(IC/g, OC)``; ``(1, OC)`` for ``-1``.
+  channel (GPTQ's g128). Stored row ``j`` is in group ``j // g``, so ``scale`` is
+  ``(ceil(IC/g), OC)`` and, when ``g`` does not divide IC, the *last* group is
+  shorter (``IC - (ceil(IC/g) - 1) * g`` rows), as in reference GPTQ, which
+  starts a group at every multiple of ``g`` and reads ``W[:, i:i+g]``
+  (IC=576, g=128: four groups of 128 and one of 64). ``g >= IC`` is one group
+  (``scale`` ``(1, OC)``, like ``-1``).
 * ``"ic"``: per-IC groups, ``g`` consecutive output channels of one input
-  channel (AdaDim). ``scale`` is ``(IC, OC/g)``; ``(IC, 1)`` for ``-1``.
+  channel (AdaDim). ``g`` must divide OC (AdaDim's reference reshapes by it);
+  ``scale`` is ``(IC, OC/g)``; ``(IC, 1)`` for ``-1``.
 * ``"tensor"``: one scale for the whole matrix (``group_size`` must be ``-1``);
   ``scale`` is ``(1, 1)``.
 
@@ -77,9 +83,11 @@ def check_scale_dtype(scale_dtype) -> np.dtype:
 
 
 def group_shape(shape: tuple[int, int], group_size: int, group_axis: str) -> tuple[int, int]:
-  """``(gi, go)``: the extent of one group along IC and OC for this layout.
+  """``(gi, go)``: the extent of one full group along IC and OC for this layout.
 
-  Raises ``ValueError`` naming the axis when ``group_size`` does not divide it.
+  Per-OC groups are ``(min(g, IC), 1)``; the last one may be shorter (module
+  doc). Per-IC groups are ``(1, g)`` and raise ``ValueError`` unless ``g``
+  divides OC.
   """
   if group_axis not in GROUP_AXES:
     raise ValueError(f"{group_axis=} is not one of {GROUP_AXES}")
@@ -95,12 +103,30 @@ def group_shape(shape: tuple[int, int], group_size: int, group_axis: str) -> tup
           f"group_axis='tensor' takes group_size=-1 (one group spanning the whole matrix), got {group_size=}")
     return ic, oc
   if group_axis == "oc":
-    if group_size != -1 and ic % group_size:
-      raise ValueError(f"{group_size=} does not divide the input-channel axis (IC={ic}) for per-OC groups")
-    return (ic if group_size == -1 else group_size), 1
+    return (ic if group_size == -1 else min(int(group_size), ic)), 1
   if group_size != -1 and oc % group_size:
-    raise ValueError(f"{group_size=} does not divide the output-channel axis (OC={oc}) for per-IC groups")
-  return 1, (oc if group_size == -1 else group_size)
+    raise ValueError(
+        f"{group_size=} does not divide the output-channel axis (OC={oc}); per-IC groups must tile OC "
+        f"exactly (only per-OC groups may end with a shorter group)")
+  return 1, (oc if group_size == -1 else int(group_size))
+
+
+def scale_shape(shape: tuple[int, int], group_size: int, group_axis: str) -> tuple[int, int]:
+  """``(G_ic, G_oc)``: number of groups along IC and OC, ``(ceil(IC/gi), ceil(OC/go))``."""
+  gi, go = group_shape(shape, group_size, group_axis)
+  return -(-shape[0] // gi), -(-shape[1] // go)
+
+
+def expand_groups(p: jax.Array, shape: tuple[int, int], group_size: int, group_axis: str) -> jax.Array:
+  """Per-group values ``(G_ic, G_oc)`` -> ``(IC, OC)``: entry ``(i, o)`` gets ``p[i // gi, o // go]``.
+
+  A short last group simply takes fewer rows (broadcast, then cut to ``shape``).
+  """
+  ic, oc = shape
+  gi, go = group_shape(shape, group_size, group_axis)
+  g_ic, g_oc = p.shape
+  full = jnp.broadcast_to(p[:, None, :, None], (g_ic, gi, g_oc, go)).reshape(g_ic * gi, g_oc * go)
+  return full[:ic, :oc]
 
 
 def round_scale(scale: jax.Array, scale_dtype) -> jax.Array:
@@ -154,7 +180,7 @@ class QArray:
 
   @property
   def group_shape(self) -> tuple[int, int]:
-    """``(gi, go)``: extent of one group along IC and OC."""
+    """``(gi, go)``: extent of one full group along IC and OC (a per-OC last group may be shorter)."""
     return group_shape(self.shape, self.group_size, self.group_axis)
 
   @property
@@ -205,12 +231,9 @@ def _codes(qa: QArray) -> jax.Array:
 
 @jax.jit
 def _dequantize_stored(qa: QArray) -> jax.Array:
-  ic, oc = qa.shape
-  gi, go = qa.group_shape
-  q = qa.stored_codes().astype(jnp.float32).reshape(ic // gi, gi, oc // go, go)
-  z = qa.zero_points()[:, None, :, None]
-  s = qa.scale.astype(jnp.float32)[:, None, :, None]
-  return ((q - z) * s).reshape(ic, oc)
+  expand = functools.partial(expand_groups, shape=qa.shape, group_size=qa.group_size, group_axis=qa.group_axis)
+  q = qa.stored_codes().astype(jnp.float32)
+  return (q - expand(qa.zero_points())) * expand(qa.scale.astype(jnp.float32))
 
 
 @jax.jit
@@ -223,14 +246,14 @@ def from_codes(codes: jax.Array, scale: jax.Array, zero: jax.Array | None, *, bi
                perm: jax.Array | None = None) -> QArray:
   """Pack integer ``codes`` ``(IC, OC)`` (stored row order) with their group parameters.
 
-  ``scale`` and ``zero`` are ``(G_ic, G_oc)``; ``zero`` holds integers in
-  ``[0, 2**bits - 1]`` or is ``None`` (symmetric, zero ``2**(bits-1)``).
+  ``scale`` and ``zero`` are ``(G_ic, G_oc)`` (:func:`scale_shape`; per-OC
+  groups: ``(ceil(IC/g), OC)``); ``zero`` holds integers in ``[0, 2**bits - 1]``
+  or is ``None`` (symmetric, zero ``2**(bits-1)``).
   """
   packing.check_bits(bits)
   sd = check_scale_dtype(scale_dtype)
   shape = tuple(int(d) for d in codes.shape)
-  gi, go = group_shape(shape, group_size, group_axis)
-  gshape = (shape[0] // gi, shape[1] // go)
+  gshape = scale_shape(shape, group_size, group_axis)
   if tuple(scale.shape) != gshape:
     raise ValueError(f"scale has shape {tuple(scale.shape)}; {group_axis=}, {group_size=} on {shape} needs {gshape}")
   if zero is not None and tuple(zero.shape) != gshape:
@@ -260,24 +283,26 @@ def quantize_with_params(w: jax.Array, scale: jax.Array, zero: jax.Array | None,
                          perm: jax.Array | None = None) -> QArray:
   """Round ``w`` ``(IC, OC)`` to codes ``clip(round(w/s) + z, 0, maxq)`` for given group params.
 
-  ``scale`` ``(G_ic, G_oc)`` is first rounded to ``scale_dtype`` (:func:`round_scale`);
-  ``zero`` holds integers (or ``None``: symmetric). With ``perm``, groups are
-  formed over ``w[perm]`` (act-order rows) and the QArray stores that order.
+  ``scale`` ``(G_ic, G_oc)`` (:func:`scale_shape`) is first rounded to
+  ``scale_dtype`` (:func:`round_scale`); ``zero`` holds integers (or ``None``:
+  symmetric). With ``perm``, groups are formed over ``w[perm]`` (act-order rows)
+  and the QArray stores that order.
   """
   packing.check_bits(bits)
-  group_shape(w.shape, group_size, group_axis)
+  gshape = scale_shape(w.shape, group_size, group_axis)
+  if tuple(scale.shape) != gshape:
+    raise ValueError(f"scale has shape {tuple(scale.shape)}; {group_axis=}, {group_size=} on "
+                     f"{tuple(w.shape)} needs {gshape}")
   return _quantize_with_params(w, scale, zero, perm, bits, group_size, group_axis, check_scale_dtype(scale_dtype))
 
 
 @functools.partial(jax.jit, static_argnums=(4, 5, 6, 7))
 def _quantize_with_params(w, scale, zero, perm, bits, group_size, group_axis, scale_dtype) -> QArray:
-  ic, oc = w.shape
-  gi, go = group_shape(w.shape, group_size, group_axis)
   if perm is not None:
     w = jnp.take(w, perm, axis=0)
   s = round_scale(scale, scale_dtype)
   z = jnp.full(s.shape, sym_zero(bits), jnp.float32) if zero is None else jnp.round(zero).astype(jnp.float32)
-  w4 = w.astype(jnp.float32).reshape(ic // gi, gi, oc // go, go)
-  q = jnp.clip(jnp.round(ieee_div(w4, s[:, None, :, None])) + z[:, None, :, None], 0, maxq(bits))
-  return from_codes(q.reshape(ic, oc).astype(jnp.uint8), s, zero, bits=bits, group_size=group_size,
+  expand = functools.partial(expand_groups, shape=w.shape, group_size=group_size, group_axis=group_axis)
+  q = jnp.clip(jnp.round(ieee_div(w.astype(jnp.float32), expand(s))) + expand(z), 0, maxq(bits))
+  return from_codes(q.astype(jnp.uint8), s, zero, bits=bits, group_size=group_size,
                     group_axis=group_axis, dtype=w.dtype, scale_dtype=scale_dtype, perm=perm)

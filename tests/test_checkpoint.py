@@ -30,7 +30,8 @@ def _is_q(x):
 
 
 def _tree():
-  """A small LLaMA-shaped tree: float leaves of several dtypes and QArrays at 2..8 bits, all layouts."""
+  """A small LLaMA-shaped tree: float leaves of several dtypes and QArrays at 2..8 bits, all layouts
+  (a ragged per-OC one included)."""
   rng = np.random.default_rng(0)
 
   def w(*shape, dtype=jnp.float32):
@@ -54,7 +55,8 @@ def _tree():
           },
           "mlp_norm": {"scale": jnp.ones((32,), jnp.float32)},
           "mlp": {
-              "gate_proj": {"kernel": rtn_quantize(w(32, 64, dtype=jnp.bfloat16), RTNConfig(bits=5, group_size=32))},
+              "gate_proj": {"kernel": rtn_quantize(  # ragged per-OC groups: 12 + 12 + 8 rows
+                  w(32, 64, dtype=jnp.bfloat16), RTNConfig(bits=5, group_size=12))},
               "up_proj": {"kernel": qarray.quantize_with_params(
                   up, s_up, None, bits=6, group_size=16, group_axis="oc", perm=perm)},
               "down_proj": {"kernel": w(64, 32, dtype=jnp.bfloat16)},

@@ -6,6 +6,8 @@ column (input channel) at a time, error fed into *all* later columns at once,
 no lazy blocks. Two details of the reference it keeps: per-channel parameters
 come from ``W`` before dead columns are zeroed, and dynamic group parameters
 are read from ``W`` as of the start of the enclosing ``block_size`` block.
+Groups are slices ``W[:, i:i+g]`` as in the reference, so when ``g`` does not
+divide IC the last one is simply shorter (dynamic, act-order and static).
 """
 
 import os
@@ -151,6 +153,65 @@ def test_matches_reference(layer, case):
                                    and kw.get("group_axis", "oc") == "oc" and kw.get("group_size", 128) != -1)
 
 
+RAGGED_IC = 200  # not a multiple of 64, 96 or the 128 block: every per-OC group layout below ends short
+RAGGED_CASES = {
+    "g64": dict(bits=3, group_size=64, **F32),  # 3 x 64 + 8
+    "g64_act_order": dict(bits=3, group_size=64, act_order=True, **F32),
+    "g64_static": dict(bits=3, group_size=64, static_groups=True, **F32),
+    "g64_act_order_static": dict(bits=3, group_size=64, act_order=True, static_groups=True, **F32),
+    # 96 + 96 + 8: the last group starts at 192 and its g-row window would pass the padded
+    # rows (256), so it is read through a window moved back and masked
+    "g96_act_order": dict(bits=4, group_size=96, act_order=True, **F32),
+    # g < block, block not dividing g: groups read from the block-start snapshot; 48 x 4 + 8
+    "g48_block32_sym_f16": dict(bits=3, group_size=48, block_size=32, sym=True),
+    # g > IC: one group per output channel (taken like a dynamic group, after dead rows are zeroed)
+    "g256_act_order": dict(bits=3, group_size=256, act_order=True, **F32),
+}
+
+
+@pytest.fixture(scope="module")
+def ragged_layer():
+  rng = np.random.default_rng(2)
+  x = correlated_inputs(rng, ic=RAGGED_IC)
+  x[:, [7, 195]] = 0  # dead inputs, one in the short last group
+  h = (2 / N * x.T @ x).astype(np.float32)
+  w = (rng.normal(size=(RAGGED_IC, OC)) * 0.05).astype(np.float32)
+  return w, h
+
+
+@pytest.mark.parametrize("case", list(RAGGED_CASES))
+def test_ragged_last_group_matches_reference(ragged_layer, case):
+  w, h = ragged_layer
+  kw = RAGGED_CASES[case]
+  qa, info = run(w, h, **kw)
+  ref_codes, ref_q = np_gptq(w, h, **kw)
+  g = kw["group_size"]
+  assert qa.scale.shape == (-(-RAGGED_IC // g), OC) and qa.group_size == g
+  assert np.mean(np.asarray(qa.codes()) == ref_codes) >= 0.999
+  assert info["proxy_loss"] == pytest.approx(np_proxy(w, ref_q, h), rel=1e-3)
+  assert info["proxy_loss"] == pytest.approx(np_proxy(w, qa.dequantize(), h), rel=1e-4)
+  rtn = rtn_quantize(jnp.asarray(w), RTNConfig(kw["bits"], g, "oc", kw.get("sym", False),
+                                               scale_dtype=kw.get("scale_dtype", np.float16)))
+  assert info["proxy_loss"] < 0.85 * np_proxy(w, rtn.dequantize(), h)
+  assert (qa.perm is not None) == (kw.get("act_order", False) and not kw.get("static_groups", False))
+
+
+def test_ragged_mse_never_reads_other_rows(ragged_layer):
+  # The MSE search over the short last group sees only its rows: scaling every other row by 100
+  # leaves its parameters unchanged when the Hessian couples nothing (H = I: GPTQ is RTN).
+  w, _ = ragged_layer
+  eye = np.eye(RAGGED_IC, dtype=np.float32)
+  cfg = dict(bits=2, group_size=64, mse=True, **F32)
+  a, _ = run(w, eye, **cfg)
+  w2 = w.copy()
+  w2[:192] *= 100
+  b, _ = run(w2, eye, **cfg)
+  np.testing.assert_array_equal(np.asarray(a.scale[3]), np.asarray(b.scale[3]))
+  np.testing.assert_array_equal(np.asarray(a.codes())[192:], np.asarray(b.codes())[192:])
+  rtn = rtn_quantize(jnp.asarray(w), RTNConfig(2, 64, mse=True, scale_dtype=np.float32))
+  np.testing.assert_array_equal(np.asarray(a.scale), np.asarray(rtn.scale))
+
+
 def test_invariant_to_hessian_scale(layer):
   # Reference H is ours times tokens per sequence; damping is relative, so codes agree.
   w, h = layer
@@ -201,8 +262,11 @@ def test_errors(layer):
     gptq_quantize(jnp.asarray(w), jnp.asarray(h).at[0, 1].set(jnp.nan), cfg, name="q")
   with pytest.raises(ValueError, match=r"w of layer 'q' \(256, 96\) has 1 NaN/Inf"):
     gptq_quantize(jnp.asarray(w).at[0, 1].set(jnp.inf), jnp.asarray(h), cfg, name="q")
-  with pytest.raises(ValueError, match=r"group_size=100 does not divide the input-channel axis \(IC=256\)"):
-    gptq_quantize(jnp.asarray(w), jnp.asarray(h), GPTQConfig(bits=3, group_size=100))
+  with pytest.raises(ValueError, match=r"w of layer 'q'.*group_size=64 does not divide the output-channel axis "
+                                       r"\(OC=96\); per-IC groups must tile OC exactly"):
+    gptq_quantize(jnp.asarray(w), jnp.asarray(h), GPTQConfig(bits=3, group_size=64, group_axis="ic"), name="q")
+  with pytest.raises(ValueError, match=r"group_size=0 must be a positive int or -1"):
+    GPTQConfig(bits=3, group_size=0)
   with pytest.raises(ValueError, match="static_groups applies to per-OC groups"):
     GPTQConfig(bits=3, group_axis="ic", static_groups=True)
   with pytest.raises(ValueError, match="damp=0 must be > 0"):

@@ -12,16 +12,21 @@ from lqx.qarray import QArray
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
-LAYOUTS = [("oc", 32), ("oc", -1), ("ic", 16), ("ic", -1), ("tensor", -1)]
+# ("oc", 24) and ("oc", 60) are ragged on most IC below (e.g. 100 = 4*24 + 4); ("oc", 128) > IC is one group.
+LAYOUTS = [("oc", 32), ("oc", 24), ("oc", 60), ("oc", 128), ("oc", -1), ("ic", 16), ("ic", -1), ("tensor", -1)]
+
+
+def expand(p, gi, go, ic, oc):
+  """Per-group values -> (IC, OC); a short last group takes fewer rows."""
+  return np.repeat(np.repeat(p, gi, 0), go, 1)[:ic, :oc]
 
 
 def make(ic, oc, bits, group_axis, group_size, sym, scale_dtype=jnp.float16, perm=False, seed=0,
          dtype=jnp.float32):
   """A QArray from random codes / scales / zeros, plus those raw arrays (stored order)."""
   rng = np.random.default_rng(seed)
-  gi, go = qarray.group_shape((ic, oc), group_size, group_axis)
   codes = rng.integers(0, 2**bits, size=(ic, oc))
-  scale = rng.uniform(0.01, 1.0, size=(ic // gi, oc // go)).astype(np.float32)
+  scale = rng.uniform(0.01, 1.0, size=qarray.scale_shape((ic, oc), group_size, group_axis)).astype(np.float32)
   zero = None if sym else rng.integers(0, 2**bits, size=scale.shape)
   p = rng.permutation(ic) if perm else None
   qa = qarray.from_codes(jnp.asarray(codes), jnp.asarray(scale), None if zero is None else jnp.asarray(zero),
@@ -63,6 +68,15 @@ def test_tree_spec_exact():
     ((256, 96, 8, "tensor", -1, False, jnp.float32), 8 + 40 / 24576),
     # act-order perm: int32 per input channel = 32/OC bits
     ((128, 64, 4, "oc", 32, True, jnp.float16, True), 4 + 0.5 + 0.5),
+    # ragged per-OC g64 on IC=200 (3 x 64 + 8): 4 groups. Codes 25 words = 800 bits per column (exact),
+    # 4 f16 scales = 64 bits and ceil(4*4/8) = 2 zero bytes = 16 bits per column, over 200 weights.
+    ((200, 64, 4, "oc", 64, False), 4 + 0.32 + 0.08),
+    # 3-bit: ceil(600/32) = 19 words = 608 bits per column; same 4 scales and 2 zero bytes.
+    ((200, 64, 3, "oc", 64, False), (608 + 64 + 16) / 200),
+    # SmolLM2's IC=576, g128 (4 x 128 + 64): 54 words, 5 f16 scales, ceil(15/8) = 2 zero bytes per column.
+    ((576, 32, 3, "oc", 128, False), 3 + (80 + 16) / 576),
+    # g > IC: one group per output channel, as g=-1.
+    ((100, 96, 3, "oc", 128, True), 3.2 + 0.16),
 ])
 def test_bits_per_weight_by_hand(args, bpw):
   qa, *_ = make(*args)
@@ -76,16 +90,15 @@ def test_bits_per_weight_by_hand(args, bpw):
        sd=st.sampled_from([jnp.float16, jnp.bfloat16, jnp.float32]), perm=st.booleans())
 def test_bits_per_weight_formula(ic, oc, bits, layout, sym, sd, perm):
   group_axis, group_size = layout
-  if group_axis == "oc" and group_size != -1 and ic % group_size:
-    group_size = 4
-  gi, go = qarray.group_shape((ic, oc), group_size, group_axis)
+  n_gi, n_go = qarray.scale_shape((ic, oc), group_size, group_axis)
   abstract = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt)  # trace only: no compilation
   qa = jax.eval_shape(
       lambda c, s, z, p: qarray.from_codes(c, s, z, bits=bits, group_size=group_size, group_axis=group_axis,
                                            dtype=jnp.float32, scale_dtype=sd, perm=p),
-      abstract((ic, oc), jnp.uint8), abstract((ic // gi, oc // go), jnp.float32),
-      None if sym else abstract((ic // gi, oc // go), jnp.float32), abstract((ic,), jnp.int32) if perm else None)
-  n_gi, n_go = ic // gi, oc // go
+      abstract((ic, oc), jnp.uint8), abstract((n_gi, n_go), jnp.float32),
+      None if sym else abstract((n_gi, n_go), jnp.float32), abstract((ic,), jnp.int32) if perm else None)
+  gi = qarray.group_shape((ic, oc), group_size, group_axis)[0]
+  assert n_gi == (-(-ic // gi) if group_axis == "oc" else ic if group_axis == "ic" else 1)
   total = (32 * -(-ic * bits // 32) * oc + 8 * np.dtype(sd).itemsize * n_gi * n_go
            + (0 if sym else 8 * -(-n_gi * bits // 8) * n_go) + (32 * ic if perm else 0))
   assert qa.bits_per_weight == total / (ic * oc)
@@ -97,12 +110,11 @@ def test_bits_per_weight_formula(ic, oc, bits, layout, sym, sd, perm):
        layout=st.sampled_from(LAYOUTS), sym=st.booleans(), perm=st.booleans(), seed=st.integers(0, 999))
 def test_dequantize_invariant(ic, oc, bits, layout, sym, perm, seed):
   group_axis, group_size = layout
-  if group_axis == "oc" and group_size != -1 and ic % group_size:
-    group_size = 4
   qa, codes, scale, zero, p = make(ic, oc, bits, group_axis, group_size, sym, perm=perm, seed=seed)
   gi, go = qa.group_shape
-  s = np.repeat(np.repeat(scale.astype(np.float16).astype(np.float32), gi, 0), go, 1)
-  z = 2.0 ** (bits - 1) if sym else np.repeat(np.repeat(zero, gi, 0), go, 1)
+  s = expand(scale.astype(np.float16).astype(np.float32), gi, go, ic, oc)
+  z = 2.0 ** (bits - 1) if sym else expand(zero, gi, go, ic, oc)
+  np.testing.assert_array_equal(np.asarray(qa.zero_points()), 2.0 ** (bits - 1) if sym else zero)
   expect_stored = (codes - z) * s  # invariant on the stored (act-order) rows: w[perm] ≈ (code - z) * s
   w = np.asarray(qa.dequantize())
   w_stored = w if p is None else w[p]
@@ -117,13 +129,15 @@ def test_quantize_with_params_error_within_half_step(layout, bits, seed):
   group_axis, group_size = layout
   w = np.random.default_rng(seed).normal(size=(64, 48)).astype(np.float32)
   gi, go = qarray.group_shape(w.shape, group_size, group_axis)
-  g = w.reshape(64 // gi, gi, 48 // go, go)
-  lo, hi = np.minimum(g.min((1, 3)), 0), np.maximum(g.max((1, 3)), 0)
+  n_gi, n_go = qarray.scale_shape(w.shape, group_size, group_axis)
+  # NaN-pad a short last group: nanmin / nanmax see only its real rows.
+  g = np.pad(w, ((0, n_gi * gi - 64), (0, 0)), constant_values=np.nan).reshape(n_gi, gi, n_go, go)
+  lo, hi = np.minimum(np.nanmin(g, (1, 3)), 0), np.maximum(np.nanmax(g, (1, 3)), 0)
   scale = (hi - lo) / (2**bits - 1)
   zero = np.round(-lo / qarray.round_scale(jnp.asarray(scale), jnp.float32))
   qa = qarray.quantize_with_params(jnp.asarray(w), jnp.asarray(scale), jnp.asarray(zero), bits=bits,
                                    group_size=group_size, group_axis=group_axis, scale_dtype=jnp.float32)
-  step = np.repeat(np.repeat(scale, gi, 0), go, 1)
+  step = expand(scale, gi, go, 64, 48)
   assert np.all(np.abs(np.asarray(qa.dequantize()) - w) <= 0.5 * step * (1 + 1e-5) + 1e-7)
 
 
@@ -152,12 +166,44 @@ def test_orbax_roundtrip(tmp_path):
     np.testing.assert_array_equal(np.asarray(restored.dequantize()), np.asarray(qa.dequantize()))
 
 
+def test_ragged_per_oc_groups_by_hand():
+  # IC=10, g=4: rows 0-3, 4-7 and the short group 8-9. Three 3-bit zeros per column take ceil(9/8) = 2 bytes.
+  codes = np.arange(10 * 3).reshape(10, 3) % 8
+  scale = np.array([[1.0, 2.0, 4.0], [0.5, 0.25, 1.0], [8.0, 1.0, 2.0]], np.float32)
+  zero = np.array([[2, 5, 7], [0, 1, 3], [7, 6, 4]])
+  qa = qarray.from_codes(jnp.asarray(codes), jnp.asarray(scale), jnp.asarray(zero), bits=3, group_size=4,
+                         group_axis="oc", dtype=jnp.float32, scale_dtype=jnp.float32)
+  assert qa.group_shape == (4, 1) and qa.scale.shape == (3, 3) and qa.zero.shape == (2, 3)  # ceil(3*3/8) bytes
+  np.testing.assert_array_equal(np.asarray(qa.zero_points()), zero)
+  rows = np.array([0, 0, 0, 0, 1, 1, 1, 1, 2, 2])
+  np.testing.assert_array_equal(np.asarray(qa.dequantize()), (codes - zero[rows]) * scale[rows])
+  # quantize_with_params rounds each row against its own group's parameters.
+  w = np.asarray(qa.dequantize()) + 0.1 * scale[rows]
+  again = qarray.quantize_with_params(jnp.asarray(w), jnp.asarray(scale), jnp.asarray(zero), bits=3, group_size=4,
+                                      group_axis="oc", scale_dtype=jnp.float32)
+  np.testing.assert_array_equal(np.asarray(again.codes()), codes)
+  # g >= IC is a single group per output channel.
+  assert qarray.group_shape((10, 3), 16, "oc") == (10, 1) and qarray.scale_shape((10, 3), 16, "oc") == (1, 3)
+
+
 def test_errors():
   codes = jnp.zeros((64, 32), jnp.uint8)
-  with pytest.raises(ValueError, match=r"group_size=48 does not divide the input-channel axis \(IC=64\)"):
+  with pytest.raises(ValueError, match=r"scale has shape \(1, 32\); .*group_size=48 on \(64, 32\) needs \(2, 32\)"):
     qarray.from_codes(codes, jnp.ones((1, 32)), None, bits=4, group_size=48, group_axis="oc", dtype=jnp.float32)
-  with pytest.raises(ValueError, match=r"group_size=5 does not divide the output-channel axis \(OC=32\)"):
+  with pytest.raises(ValueError, match=r"group_size=5 does not divide the output-channel axis \(OC=32\); per-IC "
+                                       r"groups must tile OC exactly"):
     qarray.from_codes(codes, jnp.ones((64, 6)), None, bits=4, group_size=5, group_axis="ic", dtype=jnp.float32)
+  with pytest.raises(ValueError, match=r"group_size=64 does not divide the output-channel axis \(OC=32\)"):
+    qarray.group_shape((64, 32), 64, "ic")  # unlike per-OC, g > OC is not one group
+  for bad in (0, -2, 1.5, True):
+    with pytest.raises(ValueError, match=r"group_size=.* must be a positive int or -1"):
+      qarray.group_shape((64, 32), bad, "oc")
+  with pytest.raises(ValueError, match=r"zero has shape \(2, 32\); expected \(3, 32\)"):
+    qarray.from_codes(codes, jnp.ones((3, 32)), jnp.ones((2, 32)), bits=4, group_size=24, group_axis="oc",
+                      dtype=jnp.float32)
+  with pytest.raises(ValueError, match=r"scale has shape \(2, 32\); .* needs \(3, 32\)"):
+    qarray.quantize_with_params(jnp.zeros((64, 32)), jnp.ones((2, 32)), None, bits=4, group_size=24,
+                                group_axis="oc")
   with pytest.raises(ValueError, match=r"scale has shape \(1, 32\); .* needs \(2, 32\)"):
     qarray.from_codes(codes, jnp.ones((1, 32)), None, bits=4, group_size=32, group_axis="oc", dtype=jnp.float32)
   with pytest.raises(ValueError, match="is not a packable code width"):

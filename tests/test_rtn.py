@@ -51,8 +51,23 @@ def np_find_params(x, bits, sym, mse, scale_dtype):
   return scale, zero
 
 
+def np_rtn_per_oc(w, bits, group_size, sym, mse=False, scale_dtype=np.float16):
+  """Per-OC groups the reference's way: ``find_params(W[:, i:i+g])`` for ``i = 0, g, ...`` (last may be short)."""
+  ic, oc = w.shape
+  g = ic if group_size == -1 else group_size
+  codes, deq, scales = np.zeros((ic, oc)), np.zeros((ic, oc), F32), []
+  for i in range(0, ic, g):
+    x = w[i:i + g].T  # reference layout: one row per output channel, only this group's real columns
+    scale, zero = np_find_params(x, bits, sym, mse, scale_dtype)
+    q = np.clip(np.round(x / scale[:, None]) + zero[:, None], 0, 2**bits - 1)
+    codes[i:i + g], deq[i:i + g], scales = q.T, (scale[:, None] * (q - zero[:, None])).T, scales + [scale]
+  return codes, deq, np.stack(scales)
+
+
 def np_rtn(w, bits, group_size, group_axis, sym, mse=False, scale_dtype=np.float16):
   """Codes ``(IC, OC)`` and dequantized weights by grouping, min-max, rounding."""
+  if group_axis == "oc":
+    return np_rtn_per_oc(w, bits, group_size, sym, mse, scale_dtype)
   ic, oc = w.shape
   gi, go = qarray.group_shape(w.shape, group_size, group_axis)
   groups = w.reshape(ic // gi, gi, oc // go, go).transpose(0, 2, 1, 3).reshape(-1, gi * go)
@@ -63,7 +78,8 @@ def np_rtn(w, bits, group_size, group_axis, sym, mse=False, scale_dtype=np.float
   return back(codes), back(deq), scale.reshape(ic // gi, oc // go)
 
 
-LAYOUTS = [("oc", 32), ("oc", -1), ("ic", 16), ("ic", -1), ("tensor", -1)]
+# On IC=64: ("oc", 24) is ragged (24 + 24 + 16), ("oc", 100) is one group.
+LAYOUTS = [("oc", 32), ("oc", 24), ("oc", 100), ("oc", -1), ("ic", 16), ("ic", -1), ("tensor", -1)]
 
 
 @settings(max_examples=25, deadline=None)
@@ -82,7 +98,8 @@ def test_matches_numpy_min_max(bits, layout, sym, sd, nonneg, seed):
   assert qa.sym == sym and qa.scale.dtype == sd
 
 
-@pytest.mark.parametrize("bits, layout, sym", [(2, ("oc", 32), False), (3, ("ic", 16), True), (4, ("oc", -1), False)])
+@pytest.mark.parametrize("bits, layout, sym", [(2, ("oc", 32), False), (3, ("ic", 16), True), (4, ("oc", -1), False),
+                                               (3, ("oc", 24), False), (2, ("oc", 24), True)])
 def test_mse_matches_numpy_and_is_never_worse(bits, layout, sym):
   rng = np.random.default_rng(bits)
   w = (rng.standard_t(3, size=(64, 48)) * 0.02).astype(F32)  # heavy tails: clipping pays off
@@ -94,7 +111,9 @@ def test_mse_matches_numpy_and_is_never_worse(bits, layout, sym):
                                                             scale_dtype=np.float32)).dequantize())
   # The search includes the plain range (p = 1), so its own objective never gets worse, group by group.
   gi, go = qarray.group_shape(w.shape, layout[1], layout[0])
-  per_group = lambda d: np.sum((np.abs(d - w) ** 2.4).reshape(64 // gi, gi, 48 // go, go), axis=(1, 3))
+  n_gi, n_go = qarray.scale_shape(w.shape, layout[1], layout[0])
+  per_group = lambda d: np.sum(np.pad(np.abs(d - w) ** 2.4, ((0, n_gi * gi - 64), (0, 0))).reshape(
+      n_gi, gi, n_go, go), axis=(1, 3))
   assert np.all(per_group(np.asarray(qa.dequantize())) <= per_group(plain) * (1 + 1e-5))
   # And in plain MSE on these heavy-tailed weights it helps overall.
   assert np.mean((np.asarray(qa.dequantize()) - w) ** 2) < np.mean((plain - w) ** 2)
@@ -108,6 +127,38 @@ def test_find_params_edge_cases():
   s, z = find_params(x, bits=4, sym=True, axis=1, scale_dtype=jnp.float32)
   np.testing.assert_allclose(np.asarray(s), [2 / 15, 3 / 15, 6 / 15], rtol=1e-6)  # row 2: xmin stays 0
   np.testing.assert_array_equal(np.asarray(z), [8, 8, 8])
+
+
+def test_ragged_last_group_uses_only_its_rows():
+  # IC=200, g=64: groups 0-63, 64-127, 128-191 and the short 192-199. The short group holds small weights;
+  # padding by repeating rows (or reading past it) would widen its range, masking must not.
+  rng = np.random.default_rng(0)
+  w = rng.normal(size=(200, 32)).astype(F32)
+  w[192:] *= 0.01
+  for mse in (False, True):
+    qa = rtn_quantize(jnp.asarray(w), RTNConfig(3, 64, mse=mse, scale_dtype=np.float32))
+    assert qa.scale.shape == (4, 32) and qa.zero.shape == (2, 32)  # ceil(4 * 3 / 8) zero bytes
+    codes, deq, scale = np_rtn_per_oc(w, 3, 64, sym=False, mse=mse, scale_dtype=np.float32)
+    if mse:  # XLA may fuse the shrink products (FMA): scales can differ by an ulp, as in the test above
+      np.testing.assert_allclose(np.asarray(qa.scale), scale, rtol=1e-6)
+      assert np.mean(np.asarray(qa.codes()) == codes) >= 0.999
+    else:
+      np.testing.assert_array_equal(np.asarray(qa.scale), scale)
+      np.testing.assert_array_equal(np.asarray(qa.codes()), codes)
+      np.testing.assert_allclose(np.asarray(qa.dequantize()), deq, rtol=1e-6, atol=1e-9)
+      last = w[192:]
+      lo, hi = np.minimum(last.min(0), 0), np.maximum(last.max(0), 0)
+      np.testing.assert_allclose(np.asarray(qa.scale[3]), (hi - lo) / 7, rtol=1e-6)
+    assert np.max(np.abs(np.asarray(qa.dequantize())[192:] - last)) < 0.01  # the short group's own fine step
+
+
+def test_group_larger_than_ic_is_one_group():
+  w = jax.random.normal(jax.random.key(1), (100, 32))
+  a = rtn_quantize(w, RTNConfig(4, 128))
+  b = rtn_quantize(w, RTNConfig(4, -1))
+  assert a.scale.shape == b.scale.shape == (1, 32) and a.group_size == 128
+  np.testing.assert_array_equal(np.asarray(a.codes()), np.asarray(b.codes()))
+  np.testing.assert_array_equal(np.asarray(a.scale), np.asarray(b.scale))
 
 
 def test_per_tensor_and_jit():
@@ -125,9 +176,8 @@ def test_errors():
     RTNConfig(7)
   with pytest.raises(ValueError, match=r"bits=1 is not a packable"):
     RTNConfig(1)
-  with pytest.raises(ValueError, match=r"group_size=100 does not divide the input-channel axis \(IC=256\)"):
-    rtn_quantize(w, RTNConfig(4, 100))
-  with pytest.raises(ValueError, match=r"group_size=64 does not divide the output-channel axis \(OC=96\)"):
+  with pytest.raises(ValueError, match=r"group_size=64 does not divide the output-channel axis \(OC=96\); per-IC "
+                                       r"groups must tile OC exactly"):
     rtn_quantize(w, RTNConfig(4, 64, "ic"))
   with pytest.raises(ValueError, match=r"group_axis='tensor' takes group_size=-1"):
     RTNConfig(4, 128, "tensor")

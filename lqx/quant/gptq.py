@@ -25,14 +25,21 @@ Steps (reference ``fasterquant``, same order):
 
 Group parameters per layout:
 
-* per-OC groups, dynamic (default): at each group's first row ``c`` (in
-  act-order if enabled), from rows ``[c, c+g)`` of ``w`` *as of the start of the
-  current block* -- the reference reads ``W[:, c:c+g]``, which holds every
-  earlier block's update but not the current block's in-block updates (the two
-  agree whenever ``block_size`` divides ``g``). With act-order the groups are
-  consecutive in act-order, so the QArray stores rows in that order with ``perm``.
+* per-OC groups, dynamic (default): at each group's first row ``c`` (every
+  multiple of ``g``, in act-order if enabled), from rows ``[c, min(c+g, IC))`` of
+  ``w`` *as of the start of the current block* -- the reference reads
+  ``W[:, c:c+g]``, which holds every earlier block's update but not the current
+  block's in-block updates (the two agree whenever ``block_size`` divides
+  ``g``). When ``g`` does not divide IC the last group is shorter, as the
+  reference's slice is (IC=576, g=128: 4 x 128 + 64); its parameters see only
+  its own rows. With act-order the groups are consecutive in act-order, so the
+  QArray stores rows in that order with ``perm``.
 * per-OC groups, ``static_groups``: fixed before the solve from the unpermuted
-  ``w``; row ``c`` uses group ``perm[c] // g`` (stored in original order).
+  ``w``, groups ``[i, i+g)`` for ``i = 0, g, 2g, ...`` (the last may be
+  shorter); row ``c`` uses group ``perm[c] // g`` (stored in original order).
+* per-OC ``g >= IC``: one group per output channel, parameters taken like a
+  dynamic (or static) group, i.e. after dead rows are zeroed (``-1`` takes them
+  before, step 1).
 * per-IC groups (AdaDim, johnheo/adadim-llm ``gptq.py`` ``cfg='ic'``): when row
   ``c`` (one input channel) is reached, its groups of ``g`` consecutive output
   channels get min-max parameters from the row as already updated by error
@@ -202,9 +209,17 @@ def _solve(w: jax.Array, h: jax.Array, config: GPTQConfig):
   dead = jnp.diagonal(h0) == 0
   hh = h0 + jnp.diag(dead.astype(jnp.float32))
   ww = jnp.where(dead[:, None], 0.0, w0)
+  if mode in ("static", "dynamic"):
+    gsz = qarray.group_shape(w.shape, g, "oc")[0]  # min(g, IC); groups start at multiples of it
+    n_groups = -(-ic // gsz)
+    ragged = n_groups * gsz != ic  # the last group is shorter
   # 3. Static groups on the unpermuted rows.
   if mode == "static":
-    static_s, static_z = fp(ww.reshape(ic // g, g, oc), axis=1)  # (G, OC)
+    x, mask = ww, None
+    if ragged:  # pad to whole groups; the mask keeps the padding out of the parameters
+      x = jnp.pad(ww, ((0, n_groups * gsz - ic), (0, 0)))
+      mask = (jnp.arange(n_groups * gsz) < ic).reshape(n_groups, gsz, 1)
+    static_s, static_z = fp(x.reshape(n_groups, gsz, oc), axis=1, mask=mask)  # (G, OC)
   # 4. Act-order.
   perm = jnp.argsort(-jnp.diagonal(hh)) if config.act_order else jnp.arange(ic)
   if config.act_order:
@@ -226,7 +241,7 @@ def _solve(w: jax.Array, h: jax.Array, config: GPTQConfig):
     go = oc if g == -1 else g
     store = (jnp.zeros((icp, oc // go), jnp.float32),) * 2  # per-row group params
   elif mode == "dynamic":
-    store = (jnp.zeros((ic // g, oc), jnp.float32),) * 2  # per-group params
+    store = (jnp.zeros((n_groups, oc), jnp.float32),) * 2  # per-group params
   else:
     store = ()
   cur0 = (jnp.ones((oc,), jnp.float32), jnp.zeros((oc,), jnp.float32))
@@ -236,19 +251,28 @@ def _solve(w: jax.Array, h: jax.Array, config: GPTQConfig):
     if mode == "fixed":
       return fixed[0], fixed[1], store, cur
     if mode == "static":
-      gi = perm[jnp.minimum(c, ic - 1)] // g
+      gi = perm[jnp.minimum(c, ic - 1)] // gsz
       return static_s[gi], static_z[gi], store, cur
     if mode == "ic":
       s, z = fp(row.reshape(oc // go, go), axis=1)  # (OC/go,)
       store = tuple(jax.lax.dynamic_update_slice(a, v[None], (c, 0)) for a, v in zip(store, (s, z)))
       return jnp.repeat(s, go), jnp.repeat(z, go), store, cur
     # dynamic per-OC groups: new parameters at each group start (the reference's
-    # W[:, c:c+g] as of the block start).
-    def new_group(_):
-      return fp(jax.lax.dynamic_slice(snapshot, (c, 0), (g, oc)), axis=0)
+    # W[:, c:c+g] as of the block start). The short last group is read through a
+    # window moved back to fit the padded rows, masked to rows [c, IC).
+    def new_group(operand):
+      store, _ = operand
+      start = jnp.minimum(c, icp - gsz)  # = c unless the last group is short
+      x = jax.lax.dynamic_slice(snapshot, (start, 0), (gsz, oc))
+      mask = None
+      if ragged:
+        rows = start + jnp.arange(gsz)
+        mask = ((rows >= c) & (rows < ic))[:, None]
+      cur = fp(x, axis=0, mask=mask)
+      store = tuple(jax.lax.dynamic_update_slice(a, v[None], (c // gsz, 0)) for a, v in zip(store, cur))
+      return store, cur
 
-    cur = jax.lax.cond((c % g == 0) & (c < ic), new_group, lambda _: cur, None)
-    store = tuple(jax.lax.dynamic_update_slice(a, v[None], (c // g, 0)) for a, v in zip(store, cur))
+    store, cur = jax.lax.cond((c % gsz == 0) & (c < ic), new_group, lambda operand: operand, (store, cur))
     return cur[0], cur[1], store, cur
 
   def block(b, carry):

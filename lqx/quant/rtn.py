@@ -19,7 +19,9 @@ point and the codes are computed (``lqx.qarray.round_scale``); with
 
 Layouts are named by ``group_axis`` ("oc": per-OC groups, "ic": per-IC groups,
 "tensor": one group, which requires ``group_size=-1``); ``group_size=-1`` is
-per-channel (one group spanning the axis).
+per-channel (one group spanning the axis). Per-OC groups need not divide IC:
+the last group is shorter and its parameters (min-max and the MSE search) see
+only its real rows (``lqx.qarray`` module doc).
 """
 
 from __future__ import annotations
@@ -79,7 +81,10 @@ def check_kernel(w, group_size: int, group_axis: str, name: str = "w") -> None:
     raise ValueError(f"{name} must be a 2-D (IC, OC) kernel, got shape {tuple(np.shape(w))}")
   if not jnp.issubdtype(w.dtype, jnp.floating):
     raise ValueError(f"{name} must be a float array, got dtype {w.dtype}")
-  qarray.group_shape(w.shape, group_size, group_axis)
+  try:
+    qarray.group_shape(w.shape, group_size, group_axis)
+  except ValueError as e:
+    raise ValueError(f"{name} {tuple(w.shape)}: {e}") from None
   if not isinstance(w, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(w))):
     bad = int(jnp.sum(~jnp.isfinite(w)))
     raise ValueError(f"{name} {tuple(w.shape)} has {bad} NaN/Inf entries; quantization needs finite weights")
@@ -87,17 +92,22 @@ def check_kernel(w, group_size: int, group_axis: str, name: str = "w") -> None:
 
 def find_params(x: jax.Array, *, bits: int, sym: bool, axis, mse: bool = False,
                 scale_dtype=jnp.float16, norm: float = MSE_NORM, grid: int = MSE_GRID,
-                maxshrink: float = MSE_MAXSHRINK) -> tuple[jax.Array, jax.Array]:
+                maxshrink: float = MSE_MAXSHRINK, mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """Scale and zero point of each group of ``x``, a group being a slice along ``axis``.
 
   Returns float32 ``(scale, zero)`` with ``axis`` (int or tuple) reduced away.
   ``scale`` is already rounded to ``scale_dtype``; ``zero`` holds integers in
   ``[0, maxq]`` (the constant ``2**(bits-1)`` when ``sym``). See the module doc.
+  ``mask`` (bool, broadcastable to ``x``; True = real element) excludes padding
+  (a short last group) from the min/max and from the MSE error sum; every group
+  needs at least one real element.
   """
   packing.check_bits(bits)
   axes = (axis,) if isinstance(axis, int) else tuple(axis)
   mq = qarray.maxq(bits)
   x = x.astype(jnp.float32)
+  if mask is not None:  # masked-out entries read as 0, which the range always contains
+    x = jnp.where(mask, x, 0.0)
   xmin = jnp.minimum(jnp.min(x, axis=axes), 0.0)
   xmax = jnp.maximum(jnp.max(x, axis=axes), 0.0)
   if sym:
@@ -124,7 +134,8 @@ def find_params(x: jax.Array, *, bits: int, sym: bool, axis, mse: bool = False,
     s1, z1 = params(shrink[i] * xmin, shrink[i] * xmax)
     sk, zk = jnp.expand_dims(s1, axes), jnp.expand_dims(z1, axes)
     q = sk * (jnp.clip(jnp.round(qarray.ieee_div(x, sk)) + zk, 0, mq) - zk)
-    err = jnp.sum(jnp.abs(q - x) ** norm, axis=axes)
+    err = jnp.abs(q - x) ** norm
+    err = jnp.sum(err if mask is None else jnp.where(mask, err, 0.0), axis=axes)
     better = err < best
     return jnp.where(better, err, best), jnp.where(better, s1, scale), jnp.where(better, z1, zero)
 
@@ -137,9 +148,15 @@ def find_params(x: jax.Array, *, bits: int, sym: bool, axis, mse: bool = False,
 def _rtn(w: jax.Array, config: RTNConfig) -> QArray:
   ic, oc = w.shape
   gi, go = qarray.group_shape(w.shape, config.group_size, config.group_axis)
-  x = w.astype(jnp.float32).reshape(ic // gi, gi, oc // go, go)
+  g_ic, g_oc = qarray.scale_shape(w.shape, config.group_size, config.group_axis)
+  x = w.astype(jnp.float32)
+  mask = None
+  if g_ic * gi != ic:  # per-OC groups with a short last group: pad, and mask the padding out
+    x = jnp.pad(x, ((0, g_ic * gi - ic), (0, 0)))
+    mask = (jnp.arange(g_ic * gi) < ic).reshape(g_ic, gi, 1, 1)
+  x = x.reshape(g_ic, gi, g_oc, go)
   scale, zero = find_params(x, bits=config.bits, sym=config.sym, axis=(1, 3), mse=config.mse,
-                            scale_dtype=config.scale_dtype)
+                            scale_dtype=config.scale_dtype, mask=mask)
   return qarray.quantize_with_params(
       w, scale, None if config.sym else zero, bits=config.bits, group_size=config.group_size,
       group_axis=config.group_axis, scale_dtype=config.scale_dtype)
@@ -148,8 +165,9 @@ def _rtn(w: jax.Array, config: RTNConfig) -> QArray:
 def rtn_quantize(w: jax.Array, config: RTNConfig) -> QArray:
   """Round-to-nearest quantization of an ``(IC, OC)`` kernel -> ``QArray``.
 
-  Scales have shape ``(IC/g, OC)`` for per-OC groups, ``(IC, OC/g)`` for
-  per-IC groups, ``(1, 1)`` per tensor (``lqx.qarray``). Jittable with
+  Scales have shape ``(ceil(IC/g), OC)`` for per-OC groups (the last group
+  may be shorter), ``(IC, OC/g)`` for per-IC groups (``g`` must divide OC),
+  ``(1, 1)`` per tensor (``lqx.qarray``). Jittable with
   ``config`` static; NaN/Inf checks run only on concrete inputs.
   """
   check_kernel(w, config.group_size, config.group_axis)
