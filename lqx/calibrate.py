@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from lqx import nn
 from lqx.models import llama
 from lqx.quant import adadim, hessian
-from lqx.quant.gptq import GPTQConfig, gptq_quantize
+from lqx.quant.gptq import GPTQConfig, gptq_quantize, proxy_loss
 from lqx.quant.rtn import RTNConfig, rtn_quantize
 
 
@@ -69,15 +69,10 @@ def quantize_kernel(w: jax.Array, h: jax.Array | None, cfg: RTNConfig | GPTQConf
     raise ValueError(f"{name}: {e}") from e
 
 
-@jax.jit
-def relative_output_error(w: jax.Array, q: jax.Array, h: jax.Array) -> jax.Array:
+def relative_output_error(w: jax.Array, q: jax.Array, h: jax.Array) -> float:
   """tr(D^T H D) / tr(W^T H W) with D = W - Q: relative output error on the calibration inputs."""
-  w = w.astype(jnp.float32)
-  d = w - q.astype(jnp.float32)
-  hi = jax.lax.Precision.HIGHEST
-  num = jnp.sum(d * jnp.einsum("ij,jo->io", h, d, precision=hi))
-  den = jnp.sum(w * jnp.einsum("ij,jo->io", h, w, precision=hi))
-  return num / jnp.maximum(den, jnp.finfo(jnp.float32).tiny)
+  den = float(proxy_loss(w, jnp.zeros_like(w), h))
+  return float(proxy_loss(w, q, h)) / max(den, float(jnp.finfo(jnp.float32).tiny))
 
 
 @jax.jit
@@ -96,10 +91,13 @@ def _tap(config, p, x, tap):
   return llama.block_taps(config, p, x)[1][tap]
 
 
+_judge_output = jax.jit(llama.judge_output, static_argnums=(0, 2))
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _judge_sse(config, judge, p_cand, p_ref, tap):
-  diff = llama.judge_output(config, p_cand, judge, tap) - llama.judge_output(config, p_ref, judge, tap)
-  return jnp.sum(jnp.square(diff.astype(jnp.float32))), diff.size
+def _judge_sse(config, judge, p_cand, tap, ref):
+  diff = llama.judge_output(config, p_cand, judge, tap).astype(jnp.float32) - ref.astype(jnp.float32)
+  return jnp.sum(jnp.square(diff))
 
 
 _hessian_update = jax.jit(hessian.update)
@@ -140,14 +138,16 @@ def _quantize_one(config, p, lin: str, path: str, method, h, taps, judge) -> tup
   choice = 0
   if len(results) > 1:
     sel = method.selection_config(cands[0][1]) if isinstance(method, adadim.AdaDimConfig) else None
-    for axis, cfg, q, _ in results:
-      probe = q if sel is None else rtn_quantize(w, dataclasses.replace(sel, group_axis=axis))
-      cand = _set(p, lin + "/kernel", probe.dequantize())
-      sse, n = 0.0, 0
-      for t in taps:
-        s, size = _judge_sse(config, judge, cand, p, t)
-        sse, n = sse + float(s), n + int(size)
-      judged[axis] = sse / n
+    probes = {axis: _set(p, lin + "/kernel", (q if sel is None else rtn_quantize(
+        w, dataclasses.replace(sel, group_axis=axis))).dequantize()) for axis, cfg, q, _ in results}
+    sse = {axis: 0.0 for axis in probes}
+    n = 0
+    for t in taps:  # the reference output once per batch, then each candidate against it
+      ref = _judge_output(config, p, judge, t)
+      n += ref.size
+      for axis, probe in probes.items():
+        sse[axis] += float(_judge_sse(config, judge, probe, t, ref))
+    judged = {axis: v / n for axis, v in sse.items()}
     choice = min(range(len(results)), key=lambda i: judged[results[i][0]])
   axis, cfg, q, info = results[choice]
   deq = q.dequantize()
