@@ -21,7 +21,7 @@ from lqx import data, eval as lqx_eval, io, plots, recipe
 from lqx.models import llama
 
 # (label, bits, group_size); every method runs at every setting.
-SETTINGS = (("W4 g128", 4, 128), ("W3 g128", 3, 128), ("W3 g64", 3, 64), ("W3 per-ch", 3, -1), ("W2 g64", 2, 64))
+SETTINGS = (("W3 g64", 3, 64), ("W3 g128", 3, 128), ("W4 g128", 4, 128), ("W2 g64", 2, 64), ("W3 per-ch", 3, -1))
 QUICK_SETTINGS = (("W3 g64", 3, 64),)
 PROMPT = "ROMEO.\nBut soft, what light through yonder window breaks?"
 
@@ -30,8 +30,8 @@ def main(argv=None) -> dict:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--model", default="smollm2-135m")
   ap.add_argument("--seq-len", type=int, default=512)
-  ap.add_argument("--eval-tokens", type=int, default=32768, help="cap on held-out tokens (0: all)")
-  ap.add_argument("--calib-samples", type=int, default=32)
+  ap.add_argument("--eval-tokens", type=int, default=16384, help="cap on held-out tokens (0: all)")
+  ap.add_argument("--calib-samples", type=int, default=16)
   ap.add_argument("--calib-seq-len", type=int, default=512)
   ap.add_argument("--methods", default=",".join(recipe.METHODS))
   ap.add_argument("--quick", action="store_true", help="one setting (W3 g64) only")
@@ -85,9 +85,9 @@ def quant_table(config, params, calib, tokens, fp, args) -> list[dict]:
                    "per_ic_layers": n_ic, "layers": len(report.layers)})
       print(f"{name} {label}: {report.bits_per_weight:.3f} bits/weight, ppl {q.ppl:.2f}, "
             f"per-IC layers {n_ic}/{len(report.layers)}, {report.seconds:.0f} s")
-  table = format_table(rows, fp.ppl, fp.tokens, calib.shape)
+      table = format_table(rows, fp.ppl, fp.tokens, calib.shape)  # rewritten after every row
+      (Path(args.out) / "quant_table.md").write_text(table + "\n")
   print("\n" + table)
-  (Path(args.out) / "quant_table.md").write_text(table + "\n")
   plots.ppl_vs_bits(rows, Path(args.out) / "quant_ppl_vs_bits.png", ppl_fp=fp.ppl,
                     title=f"SmolLM2-135M, held-out Shakespeare ({fp.tokens} tokens)")
   return rows
