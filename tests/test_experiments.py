@@ -71,3 +71,11 @@ def test_quantize_save_then_eval_checkpoint(tmp_path):
   # The saved checkpoint evaluates to the same perplexity through eval_ppl.
   again = run_script("eval_ppl", ["--model", str(tmp_path / "ckpt"), "--seq-len", "128", "--max-tokens", "256"])
   assert again["ppl"] == pytest.approx(res["ppl_q"], rel=1e-5)
+
+
+def test_bench_gptq(tmp_path):
+  out = tmp_path / "g.json"
+  res = run_script("bench_gptq", ["--size", "256", "--repeats", "1", "--json", str(out)])
+  assert json.loads(out.read_text())["seconds"] > 0 and res["gflops_per_s_run"] > 0
+  res = run_script("bench_gptq", ["--smollm2", "--blocks", "1", "--calib-samples", "2"])
+  assert [r["name"] for r in res["layers"]][0] == "layers_0/attn/q_proj" and len(res["layers"]) == 7
