@@ -87,7 +87,7 @@ def quant_table(config, params, calib, tokens, fp, args) -> list[dict]:
             f"per-IC layers {n_ic}/{len(report.layers)}, {report.seconds:.0f} s")
       table = format_table(rows, fp.ppl, fp.tokens, calib.shape)  # rewritten after every row
       (Path(args.out) / "quant_table.md").write_text(table + "\n")
-  print("\n" + table)
+  print("\n" + format_table(rows, fp.ppl, fp.tokens, calib.shape))
   plots.ppl_vs_bits(rows, Path(args.out) / "quant_ppl_vs_bits.png", ppl_fp=fp.ppl,
                     title=f"SmolLM2-135M, held-out Shakespeare ({fp.tokens} tokens)")
   return rows

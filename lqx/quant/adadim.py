@@ -41,8 +41,6 @@ class AdaDimConfig:
       raise ValueError(f"AdaDimConfig.axes must be a non-empty subset of ('oc', 'ic'), got {self.axes}")
     if self.select_with not in ("method", "rtn"):
       raise ValueError(f"AdaDimConfig.select_with must be 'method' or 'rtn', got {self.select_with!r}")
-    if self.base.group_size == -1 and not isinstance(self.base, RTNConfig) and self.base.static_groups:
-      raise ValueError("AdaDim with static_groups needs group_size > 0")
 
   @property
   def bits(self) -> int:
