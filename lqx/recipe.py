@@ -15,7 +15,7 @@ import time
 import jax
 import numpy as np
 
-from lqx import calibrate
+from lqx import calibrate, data
 from lqx.models import llama
 from lqx.quant.adadim import AdaDimConfig
 from lqx.quant.gptq import GPTQConfig
@@ -74,6 +74,7 @@ class QuantReport:
   layers: list  # of calibrate.LayerReport
   seconds: float
   calibration_tokens: int
+  calibration_sha256: str | None = None  # data.tokens_sha256 of the (N, T) windows; None without them
 
   @property
   def bits_per_weight(self) -> float:
@@ -83,7 +84,7 @@ class QuantReport:
 
   def to_json(self) -> dict:
     return {"bits_per_weight": self.bits_per_weight, "seconds": self.seconds,
-            "calibration_tokens": self.calibration_tokens,
+            "calibration_tokens": self.calibration_tokens, "calibration_sha256": self.calibration_sha256,
             "layers": [dataclasses.asdict(l) for l in self.layers]}
 
 
@@ -94,7 +95,8 @@ def quantize(config: llama.LlamaConfig, params: dict, recipe, calibration_tokens
   ``calibration_tokens`` (N, T) are needed by GPTQ and AdaDim (block-sequential,
   ``lqx.calibrate``); RTN alone runs without them (its report then gives weight
   errors instead of output errors). Block linears are calibrated; other matched
-  leaves (e.g. the embedding) take RTN on the weights.
+  leaves (e.g. the embedding) take RTN on the weights. The report's
+  ``calibration_sha256`` is ``data.tokens_sha256(calibration_tokens)`` (None without them).
   """
   t0 = time.perf_counter()
   targets = match(recipe, params)
@@ -124,7 +126,9 @@ def quantize(config: llama.LlamaConfig, params: dict, recipe, calibration_tokens
         bits_per_weight=q.bits_per_weight, error=float(calibrate.relative_weight_error(w, q.dequantize())),
         error_kind="weight", seconds=time.perf_counter() - t, numel=int(w.size)))
   ntok = 0 if calibration_tokens is None else int(np.asarray(calibration_tokens).size)
-  return qparams, QuantReport(layers=reports, seconds=time.perf_counter() - t0, calibration_tokens=ntok)
+  sha = None if calibration_tokens is None else data.tokens_sha256(np.asarray(calibration_tokens))
+  return qparams, QuantReport(layers=reports, seconds=time.perf_counter() - t0, calibration_tokens=ntok,
+                              calibration_sha256=sha)
 
 
 METHODS = ("rtn", "gptq", "adadim-rtn", "adadim-gptq")
