@@ -361,3 +361,37 @@ def test_blocked_cholesky():
                              rtol=0, atol=2e-5)
   a[150, 150] = -1.0  # not positive definite: NaN, never a silently wrong factor
   assert np.isnan(np.asarray(cholesky(jnp.asarray(a, jnp.float32)))).any()
+
+
+@pytest.mark.parametrize("n", [96, 128, 200])  # one block (XLA once aborted on reversals here), exact, ragged
+def test_inverse_cholesky_factor(n):
+  from lqx.quant.gptq import inv_chol_upper, inv_lower
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=(2 * n, n))
+  h = x.T @ x / (2 * n)
+  l = np.linalg.cholesky(h)
+  np.testing.assert_allclose(np.asarray(inv_lower(jnp.asarray(l, jnp.float32))), np.linalg.inv(l), atol=2e-4)
+  u, rel, ok = jax.jit(lambda h: inv_chol_upper(h, 0.01, 3))(jnp.asarray(h, jnp.float32))
+  hd = h + 0.01 * np.mean(np.diag(h)) * np.eye(n)
+  assert bool(ok) and float(rel) == pytest.approx(0.01)
+  np.testing.assert_allclose(np.triu(np.asarray(u)), np.asarray(u))  # upper triangular
+  np.testing.assert_allclose(np.asarray(u).T @ np.asarray(u), np.linalg.inv(hd), atol=2e-4 * np.abs(np.linalg.inv(hd)).max())
+
+
+def test_shared_solve_equals_separate_solves(layer):
+  # q/k/v (or gate/up) read one input: solved side by side along OC they get the codes of their own solves.
+  from lqx.quant.gptq import gptq_quantize_shared
+  w, h = layer
+  parts = [jnp.asarray(w[:, :40]), jnp.asarray(w[:, 40:64]), jnp.asarray(w[:, 64:])]
+  for cfg in (GPTQConfig(bits=3, group_size=64), GPTQConfig(bits=4, group_size=-1, act_order=True, sym=True),
+              GPTQConfig(bits=3, group_size=48, static_groups=True, act_order=True)):
+    shared = gptq_quantize_shared(parts, jnp.asarray(h), cfg, names=["q", "k", "v"])
+    for part, (qa, info) in zip(parts, shared):
+      alone, info1 = gptq_quantize(part, jnp.asarray(h), cfg)
+      np.testing.assert_array_equal(np.asarray(qa.codes()), np.asarray(alone.codes()))
+      np.testing.assert_array_equal(np.asarray(qa.dequantize()), np.asarray(alone.dequantize()))
+      assert info["proxy_loss"] == pytest.approx(info1["proxy_loss"], rel=1e-5)
+  per_ic = GPTQConfig(bits=3, group_size=8, group_axis="ic")  # couples output channels: solved one by one
+  shared = gptq_quantize_shared(parts[1:], jnp.asarray(h), per_ic)
+  np.testing.assert_array_equal(np.asarray(shared[0][0].codes()),
+                                np.asarray(gptq_quantize(parts[1], jnp.asarray(h), per_ic)[0].codes()))
