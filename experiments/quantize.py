@@ -1,6 +1,7 @@
 """Quantize a model with RTN, GPTQ or AdaDim and compare held-out perplexity.
 
   python experiments/quantize.py --method gptq --bits 3 --group-size 64 [--act-order]
+      [--no-true-sequential --scale-dtype float32]   # the reference GPTQ's llama.py pipeline
       [--calib-samples 32 --calib-seq-len 512 | --calib-tokens F.npy | --calib-text F]
       [--save-calib-tokens F.npy] [--eval-tokens 32768] [--save DIR] [--json OUT]
 
@@ -40,6 +41,13 @@ def main(argv=None) -> dict:
   ap.add_argument("--act-order", action="store_true")
   ap.add_argument("--static-groups", action="store_true")
   ap.add_argument("--mse", action="store_true", help="MSE clipping search for the scales")
+  ap.add_argument("--scale-dtype", choices=("float16", "bfloat16", "float32"), default="float16",
+                  help="storage dtype of the scales (float32: the reference GPTQ's)")
+  ap.add_argument("--true-sequential", action=argparse.BooleanOptionalAction,
+                  default=recipe.DEFAULT_TRUE_SEQUENTIAL,
+                  help="GPTQ's --true-sequential: each stage of a block is calibrated with the earlier stages "
+                       "quantized; --no-true-sequential: all Hessians of a block from one forward, as the "
+                       "reference llama.py does by default")
   ap.add_argument("--calib-samples", type=int, default=None, help="windows sampled (default 32)")
   ap.add_argument("--calib-seq-len", type=int, default=None, help="tokens per sampled window (default 512)")
   source = ap.add_mutually_exclusive_group()
@@ -62,7 +70,7 @@ def main(argv=None) -> dict:
 
   method = recipe.make_method(args.method, bits=args.bits, group_size=args.group_size, group_axis=args.group_axis,
                               sym=args.sym, act_order=args.act_order, static_groups=args.static_groups,
-                              mse=args.mse)
+                              mse=args.mse, scale_dtype=getattr(jnp, args.scale_dtype))
   config, params = io.load_model(args.model)
   params = jax.tree.map(jnp.asarray, params)
   tokenizer = io.load_tokenizer(args.model)
@@ -89,7 +97,8 @@ def main(argv=None) -> dict:
     evaluation = data.tokenize(tokenizer, data.load_text("heldout"))
   max_tokens = args.eval_tokens or None
 
-  qparams, report = recipe.quantize(config, params, recipe.default_recipe(method), calib)
+  qparams, report = recipe.quantize(config, params, recipe.default_recipe(method), calib,
+                                    true_sequential=args.true_sequential)
   fp = lqx_eval.perplexity(config, params, evaluation, seq_len=args.eval_seq_len, max_tokens=max_tokens)
   q = lqx_eval.perplexity(config, qparams, evaluation, seq_len=args.eval_seq_len, max_tokens=max_tokens)
   axes = sorted({l.group_axis for l in report.layers})
@@ -101,7 +110,8 @@ def main(argv=None) -> dict:
       "eval_tokens": q.tokens, "eval_seq_len": args.eval_seq_len,
       "calib_samples": int(calib.shape[0]), "calib_seq_len": int(calib.shape[1]), "seed": args.seed,
       "calibration_source": calib_source, "calibration_sha256": report.calibration_sha256,
-      "quantize_seconds": report.seconds, "axes_used": axes,
+      "quantize_seconds": report.seconds, "timings": report.timings, "axes_used": axes,
+      "scale_dtype": args.scale_dtype, "true_sequential": args.true_sequential,
       "layers": [{"name": l.name, "error": l.error, "error_kind": l.error_kind, "group_axis": l.group_axis,
                   "bits_per_weight": l.bits_per_weight, "candidates": l.candidates, "skipped": l.skipped}
                  for l in report.layers],

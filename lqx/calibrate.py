@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from lqx import nn
 from lqx.models import llama
 from lqx.quant import adadim, hessian
-from lqx.quant.gptq import GPTQConfig, gptq_quantize, proxy_loss
+from lqx.quant.gptq import GPTQConfig, can_share_solve, gptq_quantize, gptq_quantize_shared, proxy_loss
 from lqx.quant.rtn import RTNConfig, rtn_quantize
 
 
@@ -69,10 +69,14 @@ def quantize_kernel(w: jax.Array, h: jax.Array | None, cfg: RTNConfig | GPTQConf
     raise ValueError(f"{name}: {e}") from e
 
 
-def relative_output_error(w: jax.Array, q: jax.Array, h: jax.Array) -> float:
-  """tr(D^T H D) / tr(W^T H W) with D = W - Q: relative output error on the calibration inputs."""
+def relative_output_error(w: jax.Array, q: jax.Array, h: jax.Array, num: float | None = None) -> float:
+  """tr(D^T H D) / tr(W^T H W) with D = W - Q: relative output error on the calibration inputs.
+
+  ``num``: tr(D^T H D) when already known (GPTQ's info), to skip recomputing it.
+  """
   den = float(proxy_loss(w, jnp.zeros_like(w), h))
-  return float(proxy_loss(w, q, h)) / max(den, float(jnp.finfo(jnp.float32).tiny))
+  num = float(proxy_loss(w, q, h)) if num is None else num
+  return num / max(den, float(jnp.finfo(jnp.float32).tiny))
 
 
 @jax.jit
@@ -86,11 +90,6 @@ _embed = jax.jit(llama.embed, static_argnums=0)
 _block_out = jax.jit(lambda c, p, x: llama.block(c, p, x)[0], static_argnums=0)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3))
-def _tap(config, p, x, tap):
-  return llama.block_taps(config, p, x)[1][tap]
-
-
 _judge_output = jax.jit(llama.judge_output, static_argnums=(0, 2))
 
 
@@ -101,6 +100,24 @@ def _judge_sse(config, judge, p_cand, tap, ref):
 
 
 _hessian_update = jax.jit(hessian.update)
+_advance = jax.jit(llama.advance, static_argnums=(0, 3))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _taps(config, p, x, names):
+  """The block inputs ``names`` of the linears of block params ``p`` on block input ``x``."""
+  rec = llama.block_taps(config, p, x)[1]
+  return {n: rec[n] for n in names}
+
+
+@jax.jit
+def _hessian_updates(states: dict, taps: dict) -> dict:
+  return {k: hessian.update(v, taps[k]) for k, v in states.items()}
+
+
+def dense_in(config: llama.LlamaConfig, tap: str) -> int:
+  """Features of the block input ``tap`` (the IC of the linears reading it)."""
+  return {"attn_in": config.dim, "o_in": config.q_dim, "mlp_in": config.dim, "down_in": config.ffn_dim}[tap]
 
 
 def materialize(tree):
@@ -120,12 +137,34 @@ def _set(tree: dict, path: str, value) -> dict:
   return {**tree, head: value if not rest else _set(tree[head], rest, value)}
 
 
-def _quantize_one(config, p, lin: str, path: str, method, h, taps, judge) -> tuple[jax.Array, LayerReport]:
-  """Quantizes block linear ``lin`` of dense block params ``p``; returns its QArray and report."""
+def _shared_solves(p, todo, targets, h) -> dict:
+  """Path -> (QArray, info) for the GPTQ linears of one stage that can share a solve (same H, same config)."""
+  groups: dict = {}
+  for lin, path in todo:
+    m = targets[path]
+    if type(m) is GPTQConfig and can_share_solve(m):
+      groups.setdefault(m, []).append((lin, path))
+  out = {}
+  for m, members in groups.items():
+    if len(members) > 1:
+      res = gptq_quantize_shared([_get(p, lin + "/kernel") for lin, _ in members], h, m,
+                                 names=[path for _, path in members])
+      out.update({path: r for (_, path), r in zip(members, res)})
+  return out
+
+
+def _quantize_one(config, p, lin: str, path: str, method, h, taps, judge,
+                  solved=None) -> tuple[jax.Array, LayerReport]:
+  """Quantizes block linear ``lin`` of dense block params ``p``; returns its QArray and report.
+
+  ``solved``: its ``(QArray, info)`` when a shared solve already made it.
+  """
   w = _get(p, lin + "/kernel")
   t0 = time.perf_counter()
   skipped, judged = [], {}
-  if isinstance(method, adadim.AdaDimConfig):
+  if solved is not None:
+    cands = [(method.group_axis, method)]
+  elif isinstance(method, adadim.AdaDimConfig):
     cands, skipped = method.candidates(w.shape)
     if not cands:
       raise ValueError(f"{path}: no group axis fits {tuple(w.shape)}: {'; '.join(skipped)}")
@@ -133,7 +172,7 @@ def _quantize_one(config, p, lin: str, path: str, method, h, taps, judge) -> tup
     cands = [(getattr(method, "group_axis", "oc"), method)]
   results = []
   for axis, cfg in cands:
-    q, info = quantize_kernel(w, h, cfg, path)
+    q, info = solved if solved is not None else quantize_kernel(w, h, cfg, path)
     results.append((axis, cfg, q, info))
   choice = 0
   if len(results) > 1:
@@ -152,49 +191,105 @@ def _quantize_one(config, p, lin: str, path: str, method, h, taps, judge) -> tup
   axis, cfg, q, info = results[choice]
   deq = q.dequantize()
   if h is not None:
-    err, kind = float(relative_output_error(w, deq, h)), "output"
+    err, kind = relative_output_error(w, deq, h, info.get("proxy_loss")), "output"
   else:
     err, kind = float(relative_weight_error(w, deq)), "weight"
   rep = LayerReport(name=path, method=method_name(method), bits=cfg.bits, group_size=cfg.group_size,
                     group_axis=axis, bits_per_weight=q.bits_per_weight, error=err, error_kind=kind,
-                    seconds=time.perf_counter() - t0, numel=int(w.size), candidates=judged, skipped=skipped,
+                    seconds=info.get("seconds", 0.0) if solved is not None else time.perf_counter() - t0,
+                    numel=int(w.size), candidates=judged, skipped=skipped,
                     damp=info.get("damp"))
   return q, rep
 
 
+def _subset(state: dict, step: str) -> dict:
+  return {k: state[k] for k in llama.STEP_INPUTS[step]}
+
+
+def _timed(timings: dict, key: str, fn):
+  """``fn()`` with its result ready, its wall time added to ``timings[key]``."""
+  t = time.perf_counter()
+  out = jax.block_until_ready(fn())
+  timings[key] = timings.get(key, 0.0) + time.perf_counter() - t
+  return out
+
+
 def quantize_sequential(config: llama.LlamaConfig, params: dict, targets: dict, tokens: np.ndarray, *,
-                        batch_size: int = 8, progress: bool = True) -> tuple[dict, list[LayerReport]]:
+                        batch_size: int = 8, true_sequential: bool = False,
+                        progress: bool = True) -> tuple[dict, list[LayerReport], dict]:
   """Quantizes the block linears in ``targets`` (param path -> method config) block by block.
 
-  ``tokens``: (N, T) calibration sequences. Returns new params (the input is not
-  mutated) and one ``LayerReport`` per quantized kernel, in quantization order.
+  ``tokens``: (N, T) calibration sequences. Inputs of block i come from blocks
+  0..i-1 already quantized. ``true_sequential=True`` (GPTQ's ``--true-sequential``):
+  each stage's input is taken with the block's earlier stages already quantized;
+  ``False`` (the reference ``llama.py``'s default): the Hessians of all seven
+  linears come from one forward of the unquantized block. Returns new params (the
+  input is not mutated), one ``LayerReport`` per quantized kernel in quantization
+  order, and wall-time seconds by phase (``embed``, ``forward``, ``hessian``,
+  ``solve``; compilation is inside the phase that triggered it).
   """
   tokens = np.asarray(tokens, np.int32)
   if tokens.ndim != 2 or tokens.shape[0] == 0:
     raise ValueError(f"calibration tokens must be (n_samples, seq_len), got shape {tokens.shape}")
+  timings: dict = {}
   batches = [jnp.asarray(tokens[i: i + batch_size]) for i in range(0, len(tokens), batch_size)]
-  inps = [_embed(config, params, b) for b in batches]
+  xs = _timed(timings, "embed", lambda: [_embed(config, params, b) for b in batches])
   params = dict(params)
   reports = []
-  names = llama.layer_names(config)
-  for name in tqdm(names, desc="quantize blocks", disable=not progress, unit="block"):
+  for name in tqdm(llama.layer_names(config), desc="quantize blocks", disable=not progress, unit="block"):
     # Forward passes see dequantized kernels: one compiled shape serves every block
     # whatever mix of QArray layouts it holds (same values as running on the QArrays).
     p, dense = params[name], materialize(params[name])
-    for stage in llama.STAGES:
-      todo = [(lin, f"{name}/{lin}/kernel") for lin in stage.linears if f"{name}/{lin}/kernel" in targets]
-      if not todo:
+    stages = [(stage, [(lin, f"{name}/{lin}/kernel") for lin in stage.linears if f"{name}/{lin}/kernel" in targets])
+              for stage in llama.STAGES]
+    if not any(todo for _, todo in stages):
+      xs = _timed(timings, "forward", lambda: [_block_out(config, dense, x) for x in xs])
+      continue
+    judged = any(isinstance(targets[path], adadim.AdaDimConfig) for _, todo in stages for _, path in todo)
+    if not true_sequential:  # every tap from one forward of the float block
+      needed = tuple(stage.tap for stage, todo in stages if todo)
+      hs = {tap: hessian.init(dense_in(config, tap)) for tap in needed}
+      kept = {tap: [] for tap in needed}
+      for x in xs:
+        rec = _timed(timings, "forward", lambda: _taps(config, dense, x, needed))
+        hs = _timed(timings, "hessian", lambda: _hessian_updates(hs, rec))
+        if judged:
+          for tap in needed:
+            kept[tap].append(rec[tap])
+    states = [{"x": x} for x in xs]
+    for stage, todo in stages:
+      if true_sequential:  # advance to this stage's input with the earlier stages quantized
+        for st in states:
+          st.update(_timed(timings, "forward", lambda: _advance(config, dense, _subset(st, stage.tap), stage.tap)))
+        if not todo:
+          continue
+        state = hessian.init(states[0][stage.tap].shape[-1])
+        for st in states:
+          state = _timed(timings, "hessian", lambda: _hessian_update(state, st[stage.tap]))
+        h, taps = hessian.finalize(state), [st[stage.tap] for st in states]
+      elif not todo:
         continue
-      taps = [_tap(config, dense, x, stage.tap) for x in inps]
-      state = hessian.init(taps[0].shape[-1])
-      for t in taps:
-        state = _hessian_update(state, t)
-      h = hessian.finalize(state)
+      else:
+        h, taps = hessian.finalize(hs[stage.tap]), kept[stage.tap]
+      t = time.perf_counter()
+      solved = _shared_solves(dense, todo, targets, h)
+      timings["solve"] = timings.get("solve", 0.0) + time.perf_counter() - t
       for lin, path in todo:
-        q, rep = _quantize_one(config, dense, lin, path, targets[path], h, taps, stage.judge)
+        t = time.perf_counter()
+        q, rep = _quantize_one(config, dense, lin, path, targets[path], h, taps, stage.judge, solved.get(path))
+        timings["solve"] = timings.get("solve", 0.0) + time.perf_counter() - t
         p, dense = _set(p, lin + "/kernel", q), _set(dense, lin + "/kernel", q.dequantize())
         reports.append(rep)
-      del taps
+      del taps, h
+      if true_sequential:  # drop what no later step reads
+        later = [s.tap for s in llama.STAGES[llama.STAGES.index(stage) + 1:]] + ["out"]
+        keep = set().union(*(llama.STEP_INPUTS[k] for k in later))
+        states = [{k: v for k, v in st.items() if k in keep} for st in states]
     params[name] = p
-    inps = [_block_out(config, dense, x) for x in inps]
-  return params, reports
+    if true_sequential:
+      xs = _timed(timings, "forward", lambda: [_advance(config, dense, _subset(st, "out"), "out")["out"]
+                                               for st in states])
+    else:
+      xs = _timed(timings, "forward", lambda: [_block_out(config, dense, x) for x in xs])
+    del states
+  return params, reports, timings

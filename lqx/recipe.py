@@ -13,6 +13,7 @@ import re
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from lqx import calibrate, data
@@ -22,6 +23,10 @@ from lqx.quant.gptq import GPTQConfig
 from lqx.quant.rtn import RTNConfig
 
 BLOCK_LINEARS = r"layers_\d+/(attn|mlp)/\w+_proj/kernel"
+# The calibration pipeline of quantize(): True is GPTQ's --true-sequential (each stage of a
+# block sees the earlier stages quantized), False the reference llama.py's default (all
+# Hessians of a block from one forward). Chosen by measurement: README, "GPTQ parity".
+DEFAULT_TRUE_SEQUENTIAL = False
 Method = RTNConfig | GPTQConfig | AdaDimConfig
 
 
@@ -75,6 +80,8 @@ class QuantReport:
   seconds: float
   calibration_tokens: int
   calibration_sha256: str | None = None  # data.tokens_sha256 of the (N, T) windows; None without them
+  true_sequential: bool | None = None  # the calibration pipeline (None: no calibration ran)
+  timings: dict = dataclasses.field(default_factory=dict)  # seconds by phase (calibrate.quantize_sequential)
 
   @property
   def bits_per_weight(self) -> float:
@@ -85,17 +92,20 @@ class QuantReport:
   def to_json(self) -> dict:
     return {"bits_per_weight": self.bits_per_weight, "seconds": self.seconds,
             "calibration_tokens": self.calibration_tokens, "calibration_sha256": self.calibration_sha256,
+            "true_sequential": self.true_sequential, "timings": self.timings,
             "layers": [dataclasses.asdict(l) for l in self.layers]}
 
 
 def quantize(config: llama.LlamaConfig, params: dict, recipe, calibration_tokens: np.ndarray | None = None,
-             *, batch_size: int = 8, progress: bool = True) -> tuple[dict, QuantReport]:
+             *, batch_size: int = 8, true_sequential: bool = DEFAULT_TRUE_SEQUENTIAL,
+             progress: bool = True) -> tuple[dict, QuantReport]:
   """Quantizes ``params`` by ``recipe``; returns ``(qparams, report)``. Pure: ``params`` is untouched.
 
   ``calibration_tokens`` (N, T) are needed by GPTQ and AdaDim (block-sequential,
   ``lqx.calibrate``); RTN alone runs without them (its report then gives weight
   errors instead of output errors). Block linears are calibrated; other matched
-  leaves (e.g. the embedding) take RTN on the weights. The report's
+  leaves (e.g. the embedding) take RTN on the weights. ``true_sequential``
+  picks the calibration pipeline (``calibrate.quantize_sequential``). The report's
   ``calibration_sha256`` is ``data.tokens_sha256(calibration_tokens)`` (None without them).
   """
   t0 = time.perf_counter()
@@ -107,11 +117,13 @@ def quantize(config: llama.LlamaConfig, params: dict, recipe, calibration_tokens
   if needs_data and calibration_tokens is None:
     kinds = sorted({calibrate.method_name(m) for m in targets.values() if not isinstance(m, RTNConfig)})
     raise ValueError(f"methods {kinds} need calibration_tokens (n_samples, seq_len)")
-  reports = []
+  reports, timings, pipeline = [], {}, None
   qparams = params
   if in_blocks and calibration_tokens is not None:
-    qparams, reports = calibrate.quantize_sequential(config, params, in_blocks, calibration_tokens,
-                                                     batch_size=batch_size, progress=progress)
+    qparams, reports, timings = calibrate.quantize_sequential(
+        config, params, in_blocks, calibration_tokens, batch_size=batch_size,
+        true_sequential=true_sequential, progress=progress)
+    pipeline = true_sequential
   else:
     outside = targets
   for path, method in outside.items():
@@ -128,14 +140,15 @@ def quantize(config: llama.LlamaConfig, params: dict, recipe, calibration_tokens
   ntok = 0 if calibration_tokens is None else int(np.asarray(calibration_tokens).size)
   sha = None if calibration_tokens is None else data.tokens_sha256(np.asarray(calibration_tokens))
   return qparams, QuantReport(layers=reports, seconds=time.perf_counter() - t0, calibration_tokens=ntok,
-                              calibration_sha256=sha)
+                              calibration_sha256=sha, true_sequential=pipeline, timings=timings)
 
 
 METHODS = ("rtn", "gptq", "adadim-rtn", "adadim-gptq")
 
 
 def make_method(name: str, *, bits: int, group_size: int = 128, group_axis: str = "oc", sym: bool = False,
-                act_order: bool = False, static_groups: bool = False, mse: bool = False) -> Method:
+                act_order: bool = False, static_groups: bool = False, mse: bool = False,
+                scale_dtype=jnp.float16) -> Method:
   """A method config from its CLI name (one of ``METHODS``). AdaDim ignores ``group_axis``."""
   if name not in METHODS:
     raise ValueError(f"method must be one of {METHODS}, got {name!r}")
@@ -143,8 +156,9 @@ def make_method(name: str, *, bits: int, group_size: int = 128, group_axis: str 
   if base_name == "rtn":
     if act_order or static_groups:
       raise ValueError("act_order and static_groups are GPTQ options; RTN takes neither")
-    base = RTNConfig(bits=bits, group_size=group_size, group_axis=group_axis, sym=sym, mse=mse)
+    base = RTNConfig(bits=bits, group_size=group_size, group_axis=group_axis, sym=sym, mse=mse,
+                     scale_dtype=scale_dtype)
   else:
     base = GPTQConfig(bits=bits, group_size=group_size, group_axis=group_axis, sym=sym, act_order=act_order,
-                      static_groups=static_groups, mse=mse)
+                      static_groups=static_groups, mse=mse, scale_dtype=scale_dtype)
   return AdaDimConfig(base) if name.startswith("adadim-") else base
