@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.installed
 # Keep BLAS/XLA from oversubscribing the two cores when pytest forks.
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup assets demo test bench clean
+.PHONY: setup assets demo demo-full test bench clean
 
 $(VPY):
 	$(PY) -m venv $(VENV)
@@ -24,6 +24,9 @@ assets: setup
 
 demo: assets
 	$(VPY) experiments/demo.py
+
+demo-full: assets
+	$(VPY) experiments/demo.py --full
 
 test: assets
 	$(VPY) -m pytest -q tests

@@ -11,12 +11,24 @@ GFLOP/s of the solve (flops as run and useful flops, :func:`gptq_flops`) next to
 
 With ``--smollm2`` the Hessians come from the float model's inputs to each linear on
 calibration windows of the training works, and every one of the 210 linears is timed.
+
+  python experiments/bench_gptq.py --pipeline [--bits 3] [--calib-samples 32] [--reference]
+
+``--pipeline`` times a whole ``lqx.quantize`` run on SmolLM2 (calibration windows of
+512 tokens, every block linear, compilation included) in both pipelines (true-
+sequential and the reference's), broken down into embedding, calibration forwards,
+Hessians, solves and compilation (XLA's own compile-time events), and the held-out
+evaluation; with ``--reference`` the reference pipeline on PyTorch
+(``experiments/gptq_reference.py``) runs in the same process on the same windows and
+the ratio is to its time, else to ``REFERENCE_SECONDS`` (IST-DASLab/gptq measured on
+these CPUs when the issue was filed; machines differ, so prefer ``--reference``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 
 import jax
@@ -108,6 +120,69 @@ def smollm2_layers(n_samples: int, seq_len: int = 256, n_blocks: int | None = No
   return layers
 
 
+REFERENCE_SECONDS = 80.0  # IST-DASLab/gptq, SmolLM2 W3 g128, 32 x 512 calibration (78-82 s, issue #13)
+
+
+def main_pipeline(args) -> dict:
+  """Whole quantize runs, phase by phase, beside the reference pipeline's time."""
+  from pathlib import Path
+
+  from lqx import data, eval as lqx_eval, io, recipe
+
+  compile_s = {"t": 0.0}
+  jax.monitoring.register_event_duration_secs_listener(
+      lambda event, d, **kw: compile_s.__setitem__("t", compile_s["t"] + d) if event.startswith(
+          "/jax/core/compile/") else None)
+  model_config, params = io.load_model("smollm2-135m")
+  params = jax.tree.map(jnp.asarray, params)
+  tok = io.load_tokenizer("smollm2-135m")
+  calib = data.sample_windows(data.tokenize(tok, data.load_text("train")), args.calib_samples, 512, seed=0)
+  heldout = data.tokenize(tok, data.load_text("heldout"))
+  peak = matmul_gflops()
+  method = gptq.GPTQConfig(bits=args.bits, group_size=args.group_size, act_order=args.act_order)
+  result = dict(bits=args.bits, group_size=args.group_size, calib=list(calib.shape),
+                matmul_2048_gflops_per_s=peak, runs={})
+  ref_s = None
+  if args.reference:
+    sys.path.insert(0, str(Path(__file__).parent))
+    import torch
+
+    import gptq_reference
+    from bench_forward import torch_model
+    torch.set_num_threads(2)
+    model = torch_model(model_config, params)
+    t = time.perf_counter()
+    gptq_reference.ref_pipeline(model, calib, args.bits, args.group_size, progress=False)
+    ref_s = time.perf_counter() - t
+    del model
+  result["reference_seconds"] = ref_s
+  base = ref_s if ref_s is not None else REFERENCE_SECONDS
+  for true_seq in (True, False):
+    c0 = compile_s["t"]
+    t = time.perf_counter()
+    qparams, report = recipe.quantize(model_config, params, recipe.default_recipe(method), calib,
+                                      true_sequential=true_seq, progress=False)
+    total = time.perf_counter() - t
+    t = time.perf_counter()
+    ppl = lqx_eval.perplexity(model_config, qparams, heldout, seq_len=512, max_tokens=args.eval_tokens,
+                              progress=False).ppl
+    row = dict(seconds=total, **report.timings, compile=compile_s["t"] - c0, eval_seconds=time.perf_counter() - t,
+               ppl=ppl, ratio_to_reference=total / base)
+    name = "true-sequential" if true_seq else "reference"
+    result["runs"][name] = row
+    print(f"lqx {name:15s}: {total:6.1f} s = " + ", ".join(
+        f"{k} {row[k]:.1f}" for k in ("embed", "forward", "hessian", "solve")) +
+        f" (compilation inside them: {row['compile']:.1f}); evaluation {row['eval_seconds']:.1f} s "
+        f"(ppl {ppl:.2f} on {args.eval_tokens} tokens); {row['ratio_to_reference']:.2f}x the reference's "
+        f"{base:.0f} s" + ("" if ref_s is not None else " (issue figure; run with --reference to measure)"))
+  print(f"float32 2048^3 matmul in this run: {peak:.0f} GFLOP/s"
+        + (f"; reference pipeline (PyTorch, same windows): {ref_s:.1f} s" if ref_s is not None else ""))
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(result, f, indent=2)
+  return result
+
+
 def main(argv=None) -> dict:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--size", type=int, default=4096, help="IC = OC of the layer")
@@ -119,7 +194,14 @@ def main(argv=None) -> dict:
   ap.add_argument("--smollm2", action="store_true", help="time every SmolLM2 linear instead")
   ap.add_argument("--calib-samples", type=int, default=8, help="with --smollm2: windows of 256 tokens")
   ap.add_argument("--blocks", type=int, default=None, help="with --smollm2: only the first N blocks")
+  ap.add_argument("--pipeline", action="store_true", help="time whole SmolLM2 quantize runs, phase by phase")
+  ap.add_argument("--reference", action="store_true", help="with --pipeline: time the PyTorch reference too")
+  ap.add_argument("--eval-tokens", type=int, default=16384, help="with --pipeline: held-out tokens evaluated")
   args = ap.parse_args(argv)
+  if args.pipeline:
+    if args.calib_samples == 8 and "--calib-samples" not in (argv or sys.argv):
+      args.calib_samples = 32
+    return main_pipeline(args)
   if args.smollm2:
     return main_smollm2(args)
 

@@ -1,8 +1,13 @@
 """`make demo`: SmolLM2-135M on held-out Shakespeare — perplexity, generation, quantization table.
 
-  python experiments/demo.py [--eval-tokens N] [--seq-len 512] [--calib-samples 32] [--quick]
+  python experiments/demo.py            # quick (`make demo`): W3 g64 with RTN, GPTQ, AdaDim-GPTQ
+  python experiments/demo.py --full     # `make demo-full`: every method at every setting (~40 min)
+      [--eval-tokens N] [--seq-len 512] [--calib-samples 16] [--methods rtn,gptq]
 
-Writes results/demo.json, results/quant_table.md and results/quant_ppl_vs_bits.png.
+The quick run writes results/demo.json and results/demo_table.md, with the
+perplexity spread over calibration seeds beside each row where
+results/seed_variance.json (``experiments/seed_variance.py``) has it. ``--full``
+writes results/quant_table.md and results/quant_ppl_vs_bits.png.
 The source model is itself stored as Q4_1 (4-bit, groups of 32): its dequantized
 weights are the float reference, and 4-bit results on it are flattering.
 """
@@ -23,6 +28,7 @@ from lqx.models import llama
 # (label, bits, group_size); every method runs at every setting.
 SETTINGS = (("W3 g64", 3, 64), ("W3 g128", 3, 128), ("W4 g128", 4, 128), ("W2 g64", 2, 64), ("W3 per-ch", 3, -1))
 QUICK_SETTINGS = (("W3 g64", 3, 64),)
+QUICK_METHODS = "rtn,gptq,adadim-gptq"
 PROMPT = "ROMEO.\nBut soft, what light through yonder window breaks?"
 
 
@@ -33,12 +39,15 @@ def main(argv=None) -> dict:
   ap.add_argument("--eval-tokens", type=int, default=16384, help="cap on held-out tokens (0: all)")
   ap.add_argument("--calib-samples", type=int, default=16)
   ap.add_argument("--calib-seq-len", type=int, default=512)
-  ap.add_argument("--methods", default=",".join(recipe.METHODS))
-  ap.add_argument("--quick", action="store_true", help="one setting (W3 g64) only")
+  ap.add_argument("--methods", help=f"comma-separated (default: {QUICK_METHODS}; --full: all of {recipe.METHODS})")
+  ap.add_argument("--full", action="store_true", help="every setting and method (the README's full table)")
+  ap.add_argument("--quick", action="store_true", help="the default; kept for old command lines")
   ap.add_argument("--no-quant", action="store_true", help="skip the quantization table")
   ap.add_argument("--new-tokens", type=int, default=48)
   ap.add_argument("--out", default="results", help="folder for demo.json")
   args = ap.parse_args(argv)
+  if args.methods is None:
+    args.methods = ",".join(recipe.METHODS) if args.full else QUICK_METHODS
 
   config, params = io.load_model(args.model)
   params = jax.tree.map(jnp.asarray, params)
@@ -71,7 +80,8 @@ def main(argv=None) -> dict:
 def quant_table(config, params, calib, tokens, fp, args) -> list[dict]:
   """Every method at every setting: bits per weight, perplexity, paired NLL difference."""
   rows = []
-  settings = QUICK_SETTINGS if args.quick else SETTINGS
+  settings = SETTINGS if args.full else QUICK_SETTINGS
+  spread = seed_spread(Path(args.out) / "seed_variance.json")
   for label, bits, group_size in settings:
     for name in args.methods.split(","):
       method = recipe.make_method(name, bits=bits, group_size=group_size)
@@ -82,27 +92,41 @@ def quant_table(config, params, calib, tokens, fp, args) -> list[dict]:
       rows.append({"method": name, "label": label, "bits": bits, "group_size": group_size,
                    "bits_per_weight": report.bits_per_weight, "ppl_q": q.ppl,
                    "paired": lqx_eval.paired_difference(fp, q), "quantize_seconds": report.seconds,
-                   "per_ic_layers": n_ic, "layers": len(report.layers)})
+                   "per_ic_layers": n_ic, "layers": len(report.layers),
+                   "seed_spread": spread.get((name, bits, group_size))})
       print(f"{name} {label}: {report.bits_per_weight:.3f} bits/weight, ppl {q.ppl:.2f}, "
             f"per-IC layers {n_ic}/{len(report.layers)}, {report.seconds:.0f} s")
       table = format_table(rows, fp.ppl, fp.tokens, calib.shape)  # rewritten after every row
-      (Path(args.out) / "quant_table.md").write_text(table + "\n")
+      (Path(args.out) / ("quant_table.md" if args.full else "demo_table.md")).write_text(table + "\n")
   print("\n" + format_table(rows, fp.ppl, fp.tokens, calib.shape))
-  plots.ppl_vs_bits(rows, Path(args.out) / "quant_ppl_vs_bits.png", ppl_fp=fp.ppl,
-                    title=f"SmolLM2-135M, held-out Shakespeare ({fp.tokens} tokens)")
+  if args.full:
+    plots.ppl_vs_bits(rows, Path(args.out) / "quant_ppl_vs_bits.png", ppl_fp=fp.ppl,
+                      title=f"SmolLM2-135M, held-out Shakespeare ({fp.tokens} tokens)")
   return rows
+
+
+def seed_spread(path: Path) -> dict:
+  """(method, bits, group_size) -> "mean ± sd (n seeds)" of perplexity, from a seed_variance.py JSON."""
+  if not path.exists():
+    return {}
+  out = {}
+  for r in json.loads(path.read_text()).get("summary", []):
+    if r.get("default"):  # the default pipeline and float16 scales, as the demo runs
+      out[(r["method"], r["bits"], r["group_size"])] = f"{r['ppl_mean']:.1f} ± {r['ppl_sd']:.1f} ({r['n']} seeds)"
+  return out
 
 
 def format_table(rows, ppl_fp, eval_tokens, calib_shape) -> str:
   lines = [f"Float (Q4_1 source dequantized): ppl {ppl_fp:.2f}; {eval_tokens} held-out tokens; "
            f"calibration {calib_shape[0]} x {calib_shape[1]} training tokens.", "",
-           "| setting | method | bits/weight | ppl | mean NLL diff vs float (95% CI) | per-IC layers | seconds |",
-           "|---|---|---|---|---|---|---|"]
+           "| setting | method | bits/weight | ppl (calibration seed 0) | ppl over calibration seeds | "
+           "mean NLL diff vs float (95% CI) | per-IC layers | seconds |",
+           "|---|---|---|---|---|---|---|---|"]
   for r in rows:
     d = r["paired"]
     lines.append(f"| {r['label']} | {r['method']} | {r['bits_per_weight']:.3f} | {r['ppl_q']:.2f} | "
-                 f"{d['mean_nll_diff']:+.4f} ± {d['ci95']:.4f} | {r['per_ic_layers']}/{r['layers']} | "
-                 f"{r['quantize_seconds']:.0f} |")
+                 f"{r.get('seed_spread') or '–'} | {d['mean_nll_diff']:+.4f} ± {d['ci95']:.4f} | "
+                 f"{r['per_ic_layers']}/{r['layers']} | {r['quantize_seconds']:.0f} |")
   return "\n".join(lines)
 
 

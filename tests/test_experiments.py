@@ -48,13 +48,19 @@ def test_demo(tmp_path):
 
 
 def test_demo_quant_table(tmp_path):
-  res = run_script("demo", ["--seq-len", "128", "--eval-tokens", "256", "--new-tokens", "2", "--quick",
+  # The quick demo (the default) with a seed-variance summary beside it: the spread lands in its row.
+  (tmp_path / "seed_variance.json").write_text(json.dumps({"summary": [
+      {"method": "gptq", "bits": 3, "group_size": 64, "pipeline": "true-sequential", "scale_dtype": "float16",
+       "default": True,
+       "ppl_mean": 100.0, "ppl_sd": 5.0, "n": 3}]}))
+  res = run_script("demo", ["--seq-len", "128", "--eval-tokens", "256", "--new-tokens", "2",
                             "--methods", "rtn,gptq", "--calib-samples", "2", "--calib-seq-len", "64",
                             "--out", str(tmp_path)])
   rows = res["quantization"]
   assert [r["method"] for r in rows] == ["rtn", "gptq"]
-  assert (tmp_path / "quant_ppl_vs_bits.png").stat().st_size > 10_000
-  assert "| W3 g64 | gptq |" in (tmp_path / "quant_table.md").read_text()
+  table = (tmp_path / "demo_table.md").read_text()
+  assert "| W3 g64 | gptq |" in table and "100.0 ± 5.0 (3 seeds)" in table
+  assert not (tmp_path / "quant_table.md").exists()  # the README's full table is --full's alone
 
 
 def test_quantize_save_then_eval_checkpoint(tmp_path):
@@ -79,3 +85,43 @@ def test_bench_gptq(tmp_path):
   assert json.loads(out.read_text())["seconds"] > 0 and res["gflops_per_s_run"] > 0
   res = run_script("bench_gptq", ["--smollm2", "--blocks", "1", "--calib-samples", "2"])
   assert [r["name"] for r in res["layers"]][0] == "layers_0/attn/q_proj" and len(res["layers"]) == 7
+
+
+def test_quantize_reference_pipeline_flags(tmp_path):
+  out = tmp_path / "q.json"
+  run_script("quantize", ["--method", "gptq", "--bits", "4", "--group-size", "64", "--no-true-sequential",
+                          "--scale-dtype", "float32", "--calib-samples", "1", "--calib-seq-len", "64",
+                          "--eval-tokens", "256", "--eval-seq-len", "128", "--json", str(out)])
+  saved = json.loads(out.read_text())
+  assert saved["true_sequential"] is False and saved["scale_dtype"] == "float32"
+  assert {"embed", "forward", "hessian", "solve"} <= set(saved["timings"])
+
+
+def test_bench_gptq_pipeline(tmp_path):
+  res = run_script("bench_gptq", ["--pipeline", "--calib-samples", "1", "--eval-tokens", "512"])
+  for name in ("true-sequential", "reference"):
+    run = res["runs"][name]
+    assert run["seconds"] > 0 and run["ratio_to_reference"] > 0 and run["ppl"] > 1
+
+
+def test_gptq_parity_smoke(tmp_path):
+  pytest.importorskip("torch")
+  out = tmp_path / "p.json"
+  res = run_script("gptq_parity", ["--bits", "3", "--seeds", "0", "--calib-samples", "2", "--n-blocks", "1",
+                                   "--lqx-modes", "reference", "--eval-tokens", "512", "--json", str(out)])
+  run = json.loads(out.read_text())["runs"][0]
+  assert run["solver_on_reference_hessian"]["layers"] == 7
+  assert run["solver_on_reference_hessian"]["mean_same_codes"] > 0.99
+  assert run["lqx_reference_float32"]["e2e_same_codes_mean"] > 0.99  # block 0: identical inputs
+  assert res["runs"][0]["reference"]["ppl"] > 1
+
+
+def test_seed_variance_smoke(tmp_path):
+  res = run_script("seed_variance", ["--settings", "4:64", "--seeds", "0", "1", "--methods", "rtn", "gptq",
+                                     "--pipelines", "reference", "--scale-dtypes", "float16", "--calib-samples", "1",
+                                     "--calib-seq-len", "64", "--eval-tokens", "512", "--json",
+                                     str(tmp_path / "s.json"), "--md", str(tmp_path / "s.md")])
+  rows = {(r["method"], r["pipeline"]): r for r in res["summary"]}
+  assert rows[("rtn", "-")]["ppl_sd"] == 0 and rows[("rtn", "-")]["n"] == 2  # RTN needs no calibration
+  assert rows[("gptq", "reference")]["n"] == 2
+  assert "| W4 g64 | gptq | reference | float16 |" in (tmp_path / "s.md").read_text()
