@@ -50,6 +50,10 @@ def markdown(rows: list[dict]) -> str:
            "|---|---|---|---|---|---|---|"]
   for r in sorted(rows, key=lambda r: (-r["bits"], r["group_size"], r["method"], r["pipeline"], r["scale_dtype"])):
     per = ", ".join(f"{p:.1f}" for p in r["ppls"])
+    if r["n"] < 2:
+      lines.append(f"| W{r['bits']} g{r['group_size']} | {r['method']} | {r['pipeline']} | {r['scale_dtype']} | "
+                   f"{per} | (one seed) | – |")
+      continue
     cv = r["ppl_sd"] / r["ppl_mean"]
     lines.append(f"| W{r['bits']} g{r['group_size']} | {r['method']} | {r['pipeline']} | {r['scale_dtype']} | "
                  f"{per} | {r['ppl_mean']:.1f} ± {r['ppl_sd']:.1f} | {cv:.0%}{' ⚠' if cv >= 0.1 else ''} |")
