@@ -1,6 +1,8 @@
 """Shared fixtures: the real SmolLM2-135M model and the Shakespeare splits, loaded once."""
 
 import functools
+import importlib.util
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -37,3 +39,14 @@ def train_tokens(smollm2):
   from lqx import data
 
   return data.tokenize(smollm2[2], data.load_text("train"))
+
+
+EXPERIMENTS = pathlib.Path(__file__).parent.parent / "experiments"
+
+
+def run_script(name: str, argv: list[str]) -> dict:
+  """``experiments/<name>.py``'s ``main(argv)``, imported from its file (the scripts are not a package)."""
+  spec = importlib.util.spec_from_file_location(name, EXPERIMENTS / f"{name}.py")
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.main(argv)

@@ -1,9 +1,7 @@
 """Calibration inputs from user files: exact .npy windows, sampled text, and their sha256."""
 
 import hashlib
-import importlib.util
 import json
-import pathlib
 import pickle
 import re
 
@@ -13,14 +11,9 @@ import pytest
 from lqx import data
 
 VOCAB = 1000
-EXPERIMENTS = pathlib.Path(__file__).parent.parent / "experiments"
+from conftest import run_script  # noqa: E402
 
 
-def run_script(name: str, argv: list[str]) -> dict:
-  spec = importlib.util.spec_from_file_location(name, EXPERIMENTS / f"{name}.py")
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.main(argv)
 
 
 def windows(n=3, t=16, seed=0):

@@ -1,19 +1,12 @@
 """Smoke tests: every experiment script runs end to end with a tiny config and writes its JSON."""
 
-import importlib.util
 import json
-import pathlib
 
 import pytest
 
-EXPERIMENTS = pathlib.Path(__file__).parent.parent / "experiments"
+from conftest import run_script  # noqa: E402
 
 
-def run_script(name: str, argv: list[str]) -> dict:
-  spec = importlib.util.spec_from_file_location(name, EXPERIMENTS / f"{name}.py")
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.main(argv)
 
 
 def test_eval_ppl(tmp_path):
