@@ -127,7 +127,7 @@ def main_pipeline(args) -> dict:
   """Whole quantize runs, phase by phase, beside the reference pipeline's time."""
   from pathlib import Path
 
-  from lqx import data, eval as lqx_eval, io, recipe
+  from lqx import data, evaluate, io, recipe
 
   compile_s = {"t": 0.0}
   jax.monitoring.register_event_duration_secs_listener(
@@ -164,7 +164,7 @@ def main_pipeline(args) -> dict:
                                       true_sequential=true_seq, progress=False)
     total = time.perf_counter() - t
     t = time.perf_counter()
-    ppl = lqx_eval.perplexity(model_config, qparams, heldout, seq_len=512, max_tokens=args.eval_tokens,
+    ppl = evaluate.perplexity(model_config, qparams, heldout, seq_len=512, max_tokens=args.eval_tokens,
                               progress=False).ppl
     row = dict(seconds=total, **report.timings, compile=compile_s["t"] - c0, eval_seconds=time.perf_counter() - t,
                ppl=ppl, ratio_to_reference=total / base)

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lqx import data, eval as lqx_eval, io, plots, recipe
+from lqx import data, evaluate, io, plots, recipe
 from lqx.models import llama
 
 # (label, bits, group_size); every method runs at every setting.
@@ -56,7 +56,7 @@ def main(argv=None) -> dict:
         f"vocab {config.vocab_size}, {config.num_params() / 1e6:.1f}M params")
 
   tokens = data.tokenize(tokenizer, data.load_text("heldout"))
-  res = lqx_eval.perplexity(config, params, tokens, seq_len=args.seq_len, max_tokens=args.eval_tokens or None)
+  res = evaluate.perplexity(config, params, tokens, seq_len=args.seq_len, max_tokens=args.eval_tokens or None)
   print(f"held-out perplexity ({', '.join(data.HELDOUT_WORKS)}): {res.ppl:.3f} "
         f"over {res.tokens} predicted tokens ({res.windows} windows of {res.seq_len}), "
         f"{res.tokens_per_second:.0f} tok/s")
@@ -87,11 +87,11 @@ def quant_table(config, params, calib, tokens, fp, args) -> list[dict]:
       method = recipe.make_method(name, bits=bits, group_size=group_size)
       print(f"\n== {name} {label} ==")
       qparams, report = recipe.quantize(config, params, recipe.default_recipe(method), calib)
-      q = lqx_eval.perplexity(config, qparams, tokens, seq_len=args.seq_len, max_tokens=args.eval_tokens or None)
+      q = evaluate.perplexity(config, qparams, tokens, seq_len=args.seq_len, max_tokens=args.eval_tokens or None)
       n_ic = sum(l.group_axis == "ic" for l in report.layers)
       rows.append({"method": name, "label": label, "bits": bits, "group_size": group_size,
                    "bits_per_weight": report.bits_per_weight, "ppl_q": q.ppl,
-                   "paired": lqx_eval.paired_difference(fp, q), "quantize_seconds": report.seconds,
+                   "paired": evaluate.paired_difference(fp, q), "quantize_seconds": report.seconds,
                    "per_ic_layers": n_ic, "layers": len(report.layers),
                    "seed_spread": spread.get((name, bits, group_size))})
       print(f"{name} {label}: {report.bits_per_weight:.3f} bits/weight, ppl {q.ppl:.2f}, "

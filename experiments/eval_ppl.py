@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from lqx import data, eval as lqx_eval, io
+from lqx import data, evaluate, io
 
 
 def main(argv=None) -> dict:
@@ -34,7 +34,7 @@ def main(argv=None) -> dict:
   else:
     text = data.load_text("heldout")
   tokens = data.tokenize(tokenizer, text)
-  result = lqx_eval.perplexity(config, params, tokens, seq_len=args.seq_len,
+  result = evaluate.perplexity(config, params, tokens, seq_len=args.seq_len,
                                batch_size=args.batch_size, max_tokens=args.max_tokens)
   out = {"model": str(args.model), "text": args.text_file or "heldout", **result.to_json()}
   print(f"{args.model}: ppl {result.ppl:.3f} (nll {result.nll:.4f}) on {result.tokens} predicted tokens, "

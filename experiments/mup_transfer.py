@@ -6,7 +6,7 @@
 
 Byte-level LLaMA models on Shakespeare's training works and the teacher-student
 residual MLP, each swept over base lr and base weight decay at several widths
-for the decay rules wd_2 ∝ (d/d0)**e, e in {0, 0.5, 1} (``lqx.optim.transfer``).
+for the decay rules wd_2 ∝ (d/d0)**e, e in {0, 0.5, 1} (``lqx.studies.mup_transfer``).
 The full study takes about an hour on 2 CPU cores and writes its figures to
 results/; ``--quick`` runs every code path in a few minutes (figures only with
 ``--figures``). ``--replot`` re-fits and redraws a saved result without training.
@@ -19,7 +19,7 @@ import dataclasses
 import json
 import re
 
-from lqx.optim import transfer
+from lqx.studies import mup_transfer
 
 
 def main(argv=None) -> dict:
@@ -34,15 +34,15 @@ def main(argv=None) -> dict:
 
   if args.replot:
     with open(args.replot) as f:
-      result = transfer.reanalyze(json.load(f))
+      result = mup_transfer.reanalyze(json.load(f))
   else:
-    config = transfer.quick_config() if args.quick else transfer.full_config()
+    config = mup_transfer.quick_config() if args.quick else mup_transfer.full_config()
     if args.only:
       config = dataclasses.replace(config, **{"synthetic" if args.only == "llama" else "llama": None})
-    result = transfer.run_study(config, progress=not args.no_progress)
+    result = mup_transfer.run_study(config, progress=not args.no_progress)
   figures = args.figures if args.figures or args.quick else "results"
   if figures:
-    result["figures"] = transfer.save_figures(result, figures)
+    result["figures"] = mup_transfer.save_figures(result, figures)
   for name in ("llama", "synthetic"):
     if name in result:
       r = result[name]

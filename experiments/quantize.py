@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lqx import data, eval as lqx_eval, io, recipe
+from lqx import data, evaluate, io, recipe
 from lqx.io import checkpoint
 
 
@@ -99,14 +99,14 @@ def main(argv=None) -> dict:
 
   qparams, report = recipe.quantize(config, params, recipe.default_recipe(method), calib,
                                     true_sequential=args.true_sequential)
-  fp = lqx_eval.perplexity(config, params, evaluation, seq_len=args.eval_seq_len, max_tokens=max_tokens)
-  q = lqx_eval.perplexity(config, qparams, evaluation, seq_len=args.eval_seq_len, max_tokens=max_tokens)
+  fp = evaluate.perplexity(config, params, evaluation, seq_len=args.eval_seq_len, max_tokens=max_tokens)
+  q = evaluate.perplexity(config, qparams, evaluation, seq_len=args.eval_seq_len, max_tokens=max_tokens)
   axes = sorted({l.group_axis for l in report.layers})
   out = {
       "model": str(args.model), "method": args.method, "bits": args.bits, "group_size": args.group_size,
       "group_axis": args.group_axis if not args.method.startswith("adadim") else "adaptive",
       "sym": args.sym, "act_order": args.act_order, "bits_per_weight": report.bits_per_weight,
-      "ppl_fp": fp.ppl, "ppl_q": q.ppl, "paired": lqx_eval.paired_difference(fp, q),
+      "ppl_fp": fp.ppl, "ppl_q": q.ppl, "paired": evaluate.paired_difference(fp, q),
       "eval_tokens": q.tokens, "eval_seq_len": args.eval_seq_len,
       "calib_samples": int(calib.shape[0]), "calib_seq_len": int(calib.shape[1]), "seed": args.seed,
       "calibration_source": calib_source, "calibration_sha256": report.calibration_sha256,

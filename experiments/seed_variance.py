@@ -22,7 +22,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from lqx import data, eval as lqx_eval, io, recipe
+from lqx import data, evaluate, io, recipe
 
 SCALE_DTYPES = {"float16": jnp.float16, "float32": jnp.float32}
 DEFAULT_PIPELINE = "true-sequential" if recipe.DEFAULT_TRUE_SEQUENTIAL else "reference"
@@ -135,7 +135,7 @@ def main(argv=None) -> dict:
         qparams, report = recipe.quantize(config, params, recipe.default_recipe(method),
                                           None if name == "rtn" else calib,
                                           true_sequential=pipeline == "true-sequential", progress=False)
-        ppl = lqx_eval.perplexity(config, qparams, heldout, seq_len=512, max_tokens=args.eval_tokens,
+        ppl = evaluate.perplexity(config, qparams, heldout, seq_len=512, max_tokens=args.eval_tokens,
                                   progress=False).ppl
         seeds = args.seeds if name == "rtn" else [seed]
         for s in seeds:  # RTN does not depend on the calibration seed

@@ -1,13 +1,14 @@
-"""Figures shared by the experiment scripts and notebooks (matplotlib, Agg backend)."""
+"""Figures shared by the experiment scripts and notebooks.
+
+Built on ``matplotlib.figure.Figure``, not pyplot: importing this module leaves the
+backend alone (a notebook keeps its inline backend) and saving works headless.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure
 
 MARKERS = {"rtn": "o", "gptq": "s", "adadim-rtn": "^", "adadim-gptq": "D"}
 
@@ -17,7 +18,8 @@ def ppl_vs_bits(rows: list[dict], path: str | Path, *, ppl_fp: float | None = No
 
   ``rows``: dicts with ``method``, ``bits_per_weight``, ``ppl_q`` and ``label`` (e.g. "W3 g64").
   """
-  fig, ax = plt.subplots(figsize=(7, 4.5))
+  fig = Figure(figsize=(7, 4.5))
+  ax = fig.subplots()
   for method in dict.fromkeys(r["method"] for r in rows):
     rs = sorted((r for r in rows if r["method"] == method), key=lambda r: r["bits_per_weight"])
     ax.plot([r["bits_per_weight"] for r in rs], [r["ppl_q"] for r in rs], marker=MARKERS.get(method, "x"),
@@ -37,5 +39,4 @@ def ppl_vs_bits(rows: list[dict], path: str | Path, *, ppl_fp: float | None = No
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   fig.savefig(path, dpi=120)
-  plt.close(fig)
   return path

@@ -9,18 +9,19 @@ import jax
 import numpy as np
 import pytest
 
-from lqx.optim import MATRIX, VECTOR, class_paths, param_classes, synthetic, transfer
+from lqx.optim import MATRIX, VECTOR, class_paths, param_classes
+from lqx.studies import mup_transfer, synthetic
 
 SCRIPT = pathlib.Path(__file__).parent.parent / "experiments" / "mup_transfer.py"
 
 
 def test_fit_optimum():
   xs = [-8, -7, -6, -5, -4]
-  assert transfer.fit_optimum(xs, [(x + 6.3) ** 2 for x in xs]) == (pytest.approx(-6.3), False)
-  assert transfer.fit_optimum(xs, [3, 2, 1, 0.5, 0.4]) == (-4.0, True)
-  assert transfer.fit_optimum(xs, [1, 2, 3, float("inf"), float("inf")]) == (-8.0, True)
+  assert mup_transfer.fit_optimum(xs, [(x + 6.3) ** 2 for x in xs]) == (pytest.approx(-6.3), False)
+  assert mup_transfer.fit_optimum(xs, [3, 2, 1, 0.5, 0.4]) == (-4.0, True)
+  assert mup_transfer.fit_optimum(xs, [1, 2, 3, float("inf"), float("inf")]) == (-8.0, True)
   # A diverged neighbour: no parabola, the grid minimum.
-  assert transfer.fit_optimum(xs, [3, 2, 1, float("inf"), 1.5]) == (-6.0, False)
+  assert mup_transfer.fit_optimum(xs, [3, 2, 1, float("inf"), 1.5]) == (-6.0, False)
 
 
 def test_synthetic_mlp_classes_and_loss():
@@ -82,7 +83,7 @@ def test_quick_study_json(quick):
     assert set(st["claims"]) >= {"e0.5_lr_within_one_octave", "e0.5_sigma_flat", "e0_e1_opposite_signs"}
   assert np.shape(saved["llama"]["coord_check"]["rms"])[:2] == (3, 3)
   # the saved result re-analyzes to itself
-  again = transfer.reanalyze(saved)
+  again = mup_transfer.reanalyze(saved)
   for rk, per_width in saved["llama"]["optima"].items():
     for w, o in per_width.items():
       assert again["llama"]["optima"][rk][w]["log2_lr_grid"] == o["log2_lr_grid"]

@@ -17,7 +17,7 @@ import textwrap
 SCRIPT = textwrap.dedent(r"""
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-    from lqx import data, eval as lqx_eval, io, recipe
+    from lqx import data, evaluate, io, recipe
     from lqx.models import llama
     from lqx.quant.gptq import GPTQConfig
 
@@ -60,8 +60,8 @@ SCRIPT = textwrap.dedent(r"""
     lb = np.asarray(llama.apply(config, shard(q_ref), toks))
     assert np.abs(la - lb).max() < 1e-3, np.abs(la - lb).max()
     # 4. Same held-out perplexity for the two quantizations.
-    pa = lqx_eval.perplexity(config, q_ref, heldout, seq_len=128, progress=False).ppl
-    pb = lqx_eval.perplexity(config, q_sh, heldout, seq_len=128, progress=False).ppl
+    pa = evaluate.perplexity(config, q_ref, heldout, seq_len=128, progress=False).ppl
+    pb = evaluate.perplexity(config, q_sh, heldout, seq_len=128, progress=False).ppl
     assert abs(np.log(pa / pb)) < 0.1, (pa, pb)  # GPTQ on 512 tokens: flips move ppl by a few %
     print("OK", pa, pb)
 """)

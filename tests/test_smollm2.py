@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lqx import data, eval as lqx_eval
+from lqx import data, evaluate
 from lqx.models import llama
 
 
@@ -20,7 +20,7 @@ def test_config_read_from_gguf(smollm2):
 
 def test_heldout_perplexity_is_plausible(smollm2, heldout_tokens):
   config, params, _ = smollm2
-  res = lqx_eval.perplexity(config, params, heldout_tokens, seq_len=256, batch_size=4,
+  res = evaluate.perplexity(config, params, heldout_tokens, seq_len=256, batch_size=4,
                             max_tokens=16 * 256, progress=False)
   assert res.windows == 16 and res.tokens == 16 * 255
   # A 135M model on Shakespeare: far better than uniform (49152) and than a unigram
@@ -34,7 +34,7 @@ def test_rope_unpermute_matters(smollm2, heldout_tokens):
 
   config, params, _ = smollm2
   toks = jnp.asarray(data.windows(heldout_tokens, 128)[:2])
-  good = lqx_eval.window_nll(config, params, toks).mean()
+  good = evaluate.window_nll(config, params, toks).mean()
   p = dict(params)
   for name in llama.layer_names(config)[:4]:
     blk = {**p[name], "attn": dict(p[name]["attn"])}
@@ -42,7 +42,7 @@ def test_rope_unpermute_matters(smollm2, heldout_tokens):
     # Apply the inverse of the un-permute (a second different reordering) to Q only.
     blk["attn"]["q_proj"] = {"kernel": jnp.asarray(unpermute_rotary(w, config.n_heads).T)}
     p[name] = blk
-  bad = lqx_eval.window_nll(config, p, toks).mean()
+  bad = evaluate.window_nll(config, p, toks).mean()
   assert bad > good + 0.5 * 127
 
 

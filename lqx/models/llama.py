@@ -17,7 +17,8 @@ every kernel is ``(in, out)`` and may be a float array or a ``QArray``::
 
 Q/K use Hugging Face's rotary layout (``rotate_half``: the two halves of each
 head are the real and imaginary parts). The block API (``embed``, ``block``,
-``head``) lets calibration run the model one block at a time.
+``head``) lets calibration run the model one block at a time. ``forward`` is the
+whole model unjitted, ``apply`` the same function jitted (config static).
 """
 
 from __future__ import annotations
@@ -323,13 +324,16 @@ def head(config: LlamaConfig, params: dict, x: jax.Array) -> jax.Array:
   return logits
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def apply(config: LlamaConfig, params: dict, tokens: jax.Array) -> jax.Array:
-  """tokens (B, T) int32 -> float32 logits (B, T, V). Jitted; config is static."""
+def forward(config: LlamaConfig, params: dict, tokens: jax.Array) -> jax.Array:
+  """tokens (B, T) int32 -> float32 logits (B, T, V). Unjitted, to compose under your own jit/grad/vmap."""
   x = embed(config, params, tokens)
   for name in layer_names(config):
     x, _ = block(config, params[name], x)
   return head(config, params, x)
+
+
+apply = jax.jit(forward, static_argnums=0)
+apply.__doc__ = """tokens (B, T) int32 -> float32 logits (B, T, V). Jitted ``forward``; config is static."""
 
 
 def hidden_states(config: LlamaConfig, params: dict, tokens: jax.Array) -> list[jax.Array]:
@@ -396,3 +400,19 @@ def generate(config: LlamaConfig, params: dict, prompt: jax.Array, max_new_token
   if key is None:
     key = jax.random.key(0)
   return _generate(config, params, prompt, max_new_tokens, jnp.float32(temperature), key)
+
+
+def units(config: LlamaConfig):
+  """The decoder as ``lqx.calibrate.Units``: one unit per block, fed by the embedding.
+
+  ``lqx.quantize`` runs LLaMA through ``lqx.calibrate.quantize_sequential`` (stages,
+  shared solves, AdaDim's block-level judges); this adapter serves the generic path
+  (``capture``, ``quantize_units``) and checks it against that one.
+  """
+  from lqx.calibrate import Units  # calibrate imports this module
+
+  def run(name, p, x):
+    y, taps = block_taps(config, p, x)
+    return y, {f"{lin}/kernel": taps[stage.tap] for stage in STAGES for lin in stage.linears}
+
+  return Units(names=tuple(layer_names(config)), run=run, first=lambda params, tokens: embed(config, params, tokens))

@@ -3,8 +3,8 @@
   classes = param_classes(jax.eval_shape(init, base_cfg), jax.eval_shape(init, cfg))
   opt = width_scaled_adamw(lr, classes, weight_decay=wd, wd_exponent=0.5)
 
-``lqx.optim.mup`` holds the LLaMA muP config/init, ``lqx.optim.transfer`` the
-transfer study, ``lqx.optim.synthetic`` its teacher-student MLP.
+``lqx.optim.mup`` holds the LLaMA muP config/init; the transfer study that uses them is
+``lqx.studies.mup_transfer`` (its teacher-student MLP ``lqx.studies.synthetic``).
 """
 
 from lqx.optim.adamw import (decay_mask, effective_hparams, lr_multiplier, wd_multiplier,

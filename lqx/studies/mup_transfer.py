@@ -15,7 +15,7 @@ At the base width every rule is the same optimizer, so those runs are done once
 
 - ``llama``: byte-level (vocab 256) LLaMA models of fixed depth on Shakespeare's
   training works (``lqx.data``), held-out loss on the held-out works;
-- ``synthetic``: the teacher-student residual MLP of ``lqx.optim.synthetic``.
+- ``synthetic``: the teacher-student residual MLP of ``lqx.studies.synthetic``.
 
 Fits (``analyze``): the optimum log2 lr / log2 wd per (rule, width) is the vertex of
 the parabola through the grid minimum and its two neighbours (``at_edge`` when the
@@ -45,9 +45,10 @@ import optax
 
 from lqx import data, diagnostics
 from lqx.models import llama
-from lqx.optim import mup, synthetic
+from lqx.optim import mup
 from lqx.optim.adamw import width_scaled_adamw
 from lqx.optim.classes import MATRIX, class_paths, param_classes
+from lqx.studies import synthetic
 
 
 @dataclasses.dataclass(frozen=True)
@@ -299,7 +300,7 @@ class LlamaTask:
 
 
 def _lm_loss(config, params, batch):
-  logits = llama.apply.__wrapped__(config, params, batch[:, :-1])
+  logits = llama.forward(config, params, batch[:, :-1])
   return optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean()
 
 
