@@ -16,7 +16,7 @@ import numpy as np
 
 from lqx import nn
 from lqx.models import llama
-from lqx.optim.classes import path_str
+from lqx.tree import is_kernel_leaf, path_str
 
 
 def _as_matrix(w: jax.Array) -> jax.Array:
@@ -27,9 +27,14 @@ def _as_matrix(w: jax.Array) -> jax.Array:
 
 
 def matrix_params(params) -> dict[str, jax.Array]:
-  """``{path: leaf}`` of every leaf with ``ndim >= 2``."""
-  flat, _ = jax.tree_util.tree_flatten_with_path(params)
-  return {path_str(p): x for p, x in flat if getattr(x, "ndim", 0) >= 2}
+  """``{path: matrix}`` of every leaf with ``ndim >= 2``.
+
+  A quantized kernel counts as the float matrix it stands for (dequantized), never
+  as its storage arrays (packed codes, scales, zeros).
+  """
+  flat, _ = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_kernel_leaf)
+  mats = {path_str(p): nn.materialize(x) for p, x in flat}
+  return {k: x for k, x in mats.items() if getattr(x, "ndim", 0) >= 2}
 
 
 def _power_iteration(w: jax.Array, v: jax.Array, iters: int) -> tuple[jax.Array, jax.Array]:

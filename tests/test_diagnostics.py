@@ -103,3 +103,18 @@ def test_coord_check_slopes_and_plot(tmp_path):
   assert np.all(np.abs(slopes[:, 1]) < 0.05)
   diagnostics.plot_coord_check(res, tmp_path / "cc.png")
   assert (tmp_path / "cc.png").stat().st_size > 1000
+
+
+def test_quantized_kernels_count_as_their_matrix():
+  """A QArray is diagnosed as the matrix it dequantizes to, not as packed words/scales/zeros."""
+  from lqx.quant.rtn import RTNConfig, rtn_quantize
+  w = jax.random.normal(jax.random.key(3), (128, 64)) / 8
+  q = rtn_quantize(w, RTNConfig(bits=4, group_size=32))
+  params = {"dense": {"kernel": q, "bias": jnp.zeros(64)}, "float": {"kernel": w}}
+  mats = diagnostics.matrix_params(params)
+  assert set(mats) == {"dense/kernel", "float/kernel"}
+  np.testing.assert_array_equal(mats["dense/kernel"], q.dequantize())
+  tops, _ = diagnostics.top_singular_values(params)
+  want = float(np.linalg.svd(np.asarray(q.dequantize()), compute_uv=False)[0])
+  np.testing.assert_allclose(float(tops["dense/kernel"]), want, rtol=1e-3)
+  assert set(diagnostics.spectra(params)) == {"dense/kernel", "float/kernel"}

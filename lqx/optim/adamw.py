@@ -32,16 +32,23 @@ The transform is a chain of optax pieces (``scale_by_adam``, ``optax.partition``
 final cast of the updates to the params' dtype), so it composes with
 ``optax.chain``, schedules and ``optax.inject_hyperparams``, and bf16 params get
 bf16 updates even when a schedule returns float32.
+
+Classes are matched to params by path, not by tree type, so the same classes work
+for a pure pytree, an ``nnx.State`` (``nnx.Optimizer`` passes ``Variable``-wrapped
+params to ``init`` and plain arrays to ``update``), its ``.to_pure_dict()``, and
+Linen params (classes built from the variables ``{"params": ...}`` or from their
+``"params"`` subtree).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import jax
 import optax
 
-from lqx.optim.classes import MATRIX, ParamClass, path_str
+from lqx.optim.classes import MATRIX, ParamClass, flatten
 
 
 def _check_nonnegative(name: str, value) -> None:
@@ -99,16 +106,38 @@ def _scaled(value, mult):
   return value * mult
 
 
-def _check_params_match(classes: Any, params: Any) -> None:
-  got = {path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
-  want = {path_str(p): c for p, c in jax.tree_util.tree_flatten_with_path(classes)[0]}
-  for path in want.keys() - got.keys():
-    raise ValueError(f"param {path!r} has a class but is not in params: classes must be built "
-                     f"for this param tree")
-  for path in got.keys() - want.keys():
-    raise ValueError(f"param {path!r} is in params but has no class: classes must be built for "
-                     f"this param tree")
-  for path, c in want.items():
+def _flatten_params(tree) -> tuple[list[str], list[Any], Any]:
+  """``classes.flatten``, with the sole key of Linen variables ``{"params": ...}`` dropped."""
+  paths, leaves, treedef = flatten(tree)
+  if isinstance(tree, Mapping) and list(tree) == ["params"]:
+    paths = [p.removeprefix("params/") for p in paths]
+  return paths, leaves, treedef
+
+
+def _hint(path: str, others) -> str:
+  """What to pass instead, when ``path`` is only off by a Linen ``params/`` prefix."""
+  if path.startswith("params/") and path.removeprefix("params/") in others:
+    return "; pass only variables['params'] (the params the optimizer gets) to param_classes"
+  if "params/" + path in others:
+    return "; pass only variables['params'] to the optimizer"
+  return ""
+
+
+def _check_all_in(paths, others, what: str) -> None:
+  """Raises naming a path not in ``others`` (in order, one with a hint first), if any."""
+  missing = [p for p in paths if p not in others]
+  if missing:
+    path = next((p for p in missing if _hint(p, others)), missing[0])
+    raise ValueError(f"param {path!r} {what}: classes must be built for this param "
+                     f"tree{_hint(path, others)}")
+
+
+def _check_params_match(classes: dict[str, ParamClass], params: Any) -> None:
+  paths, leaves, _ = _flatten_params(params)
+  got = dict(zip(paths, leaves))
+  _check_all_in(classes, got, "has a class but is not in params")
+  _check_all_in(got, classes, "is in params but has no class")
+  for path, c in classes.items():
     ndim = len(getattr(got[path], "shape", ()))
     if any(a >= ndim for a in c.width_axes):
       raise ValueError(f"param {path!r} has rank {ndim} but its class has width axes "
@@ -133,8 +162,9 @@ def width_scaled_adamw(
 
   Args:
     learning_rate: base lr (at the base width ``d0``), a number or an optax schedule.
-    classes: tree of ``ParamClass`` with the structure of the params
-      (``lqx.optim.param_classes(base_shapes, target_shapes)``).
+    classes: tree of ``ParamClass`` with the leaf paths of the params
+      (``lqx.optim.param_classes(base_shapes, target_shapes)``); any tree type
+      (see module doc).
     weight_decay: base weight decay, a number or a schedule of the step count.
     wd_exponent: ``e`` in ``wd_2 = wd * (d/d0)**e`` for matrix-like params.
     independent_decay: decay not multiplied by the learning rate.
@@ -146,8 +176,15 @@ def width_scaled_adamw(
   _check_nonnegative("learning_rate", learning_rate)
   _check_nonnegative("weight_decay", weight_decay)
   _check_classes(classes)
-  labels = jax.tree.map(_label, classes)
-  groups = {_label(c): c for c in jax.tree.leaves(classes)}
+  paths, leaves, _ = _flatten_params(classes)
+  by_path = dict(zip(paths, leaves))
+  groups = {_label(c): c for c in leaves}
+
+  def labels(tree):
+    """Labels by path, as a prefix of ``tree`` (params, grads or updates, any tree type)."""
+    paths, _, treedef = _flatten_params(tree)
+    _check_all_in(paths, by_path, "is in params but has no class")
+    return jax.tree.unflatten(treedef, [_label(by_path[p]) for p in paths])
 
   def lr_scale(c):
     return optax.scale(lr_multiplier(c)) if c.kind == MATRIX else optax.identity()
@@ -180,7 +217,7 @@ def width_scaled_adamw(
       lambda updates, params: jax.tree.map(lambda u, p: u.astype(p.dtype), updates, params)))
 
   def init_fn(params):
-    _check_params_match(classes, params)
+    _check_params_match(by_path, params)
     return tx.init(params)
 
   return optax.GradientTransformationExtraArgs(init_fn, tx.update)

@@ -12,15 +12,22 @@ leaf by leaf. An axis whose size changes is a *width axis*:
 The rank never decides the class: a ``(V, D)`` embedding is vector-like.
 If the target tree *is* the base tree (``d == d0``), pass ``delta=``, a tree at a
 third width, to find the width axes; multipliers then come out as 1.
+
+Trees may be nested dicts, Linen variables, or an ``nnx.State``: an nnx ``Variable``
+(``nnx.Param``, ...) counts as one leaf, read through its value, so
+``nnx.state(model, nnx.Param)`` and its ``.to_pure_dict()`` give the same paths.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import sys
 from typing import Any
 
 import jax
 import numpy as np
+
+from lqx.tree import path_str
 
 MATRIX = "matrix"
 VECTOR = "vector"
@@ -50,18 +57,34 @@ class ParamClass:
       raise ValueError(f"ParamClass.width_mult must be > 0, got {self.width_mult}")
 
 
-def path_str(path) -> str:
-  """A key path as ``"layers_0/attn/q_proj/kernel"``."""
-  return jax.tree_util.keystr(path, simple=True, separator="/")
-
-
 def _shape(x) -> tuple[int, ...]:
   return tuple(x.shape) if hasattr(x, "shape") else np.shape(x)
 
 
+def is_variable(x) -> bool:
+  """Whether ``x`` is an nnx ``Variable`` (``nnx.Param``, ...)."""
+  nnx = sys.modules.get("flax.nnx")  # never imported: no Variable can exist
+  return nnx is not None and isinstance(x, nnx.Variable)
+
+
+def unwrap(x):
+  """The value of an nnx ``Variable``; anything else unchanged."""
+  return x.get_value() if is_variable(x) else x
+
+
+def flatten(tree) -> tuple[list[str], list[Any], Any]:
+  """``(paths, leaves, treedef)`` with nnx Variables as leaves, unwrapped.
+
+  ``jax.tree.unflatten(treedef, new_leaves)`` puts ``new_leaves`` where the
+  Variables were (a prefix of ``tree`` when it holds Variables).
+  """
+  flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_variable)
+  return [path_str(p) for p, _ in flat], [unwrap(x) for _, x in flat], treedef
+
+
 def _leaves(tree) -> dict[str, tuple[int, ...]]:
-  flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-  return {path_str(p): _shape(x) for p, x in flat}
+  paths, leaves, _ = flatten(tree)
+  return {p: _shape(x) for p, x in zip(paths, leaves)}
 
 
 def _check_same_structure(a: dict, b: dict, a_name: str, b_name: str) -> None:
@@ -85,7 +108,8 @@ def param_classes(base: Any, target: Any, *, delta: Any = None) -> Any:
       axes; needed when ``target`` has the base shapes. Default: ``target``.
 
   Returns:
-    A tree like ``target`` whose leaves are ``ParamClass``.
+    A tree like ``target`` whose leaves are ``ParamClass`` (in place of nnx
+    Variables for an ``nnx.State``).
 
   Raises:
     ValueError naming the param path if the trees differ in structure, in the rank
@@ -98,9 +122,10 @@ def param_classes(base: Any, target: Any, *, delta: Any = None) -> Any:
   _check_same_structure(b, t, "base", "target")
   if delta is not None:
     _check_same_structure(b, r, "base", "delta")
-  if jax.tree.structure(base) != jax.tree.structure(target):
+  base_def, target_def = flatten(base)[2], flatten(target)[2]
+  if base_def != target_def:
     raise ValueError(f"base and target have the same leaf paths but different tree types: "
-                     f"{jax.tree.structure(base)} vs {jax.tree.structure(target)}")
+                     f"{base_def} vs {target_def}")
 
   classes = {}
   for path, b_shape in b.items():
@@ -123,11 +148,10 @@ def param_classes(base: Any, target: Any, *, delta: Any = None) -> Any:
     raise ValueError(f"no axis of any param differs between base and {ref_name}, so no width axes "
                      f"can be found; build {ref_name} at another width"
                      + ("" if delta is not None else " (or pass delta= a tree at a third width)"))
-  flat, treedef = jax.tree_util.tree_flatten_with_path(target)
-  return jax.tree.unflatten(treedef, [classes[path_str(p)] for p, _ in flat])
+  return jax.tree.unflatten(target_def, [classes[p] for p in flatten(target)[0]])
 
 
 def class_paths(classes: Any) -> dict[str, ParamClass]:
   """``{path: ParamClass}`` of a classes tree, in tree order (for reports and tests)."""
-  flat, _ = jax.tree_util.tree_flatten_with_path(classes)
-  return {path_str(p): c for p, c in flat}
+  paths, leaves, _ = flatten(classes)
+  return dict(zip(paths, leaves))
