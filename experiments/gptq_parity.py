@@ -35,8 +35,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 import gptq_reference as gr  # noqa: E402
 from bench_forward import torch_model  # noqa: E402
 
-from lqx import data, eval as lqx_eval, io, recipe  # noqa: E402
-from lqx.calibrate import _get, _set  # noqa: E402
+from lqx import data, evaluate, io, recipe  # noqa: E402
+from lqx.tree import get as _get, replace as _set  # noqa: E402
 from lqx.quant.gptq import GPTQConfig, gptq_quantize  # noqa: E402
 
 SCALE_DTYPES = {"float32": jnp.float32, "float16": jnp.float16}
@@ -117,7 +117,7 @@ def main(argv=None) -> dict:
   tokenizer = io.load_tokenizer(args.model)
   train = data.tokenize(tokenizer, data.load_text("train"))
   heldout = data.tokenize(tokenizer, data.load_text("heldout"))
-  ppl = lambda p: lqx_eval.perplexity(config, p, heldout, seq_len=args.eval_seq_len,  # noqa: E731
+  ppl = lambda p: evaluate.perplexity(config, p, heldout, seq_len=args.eval_seq_len,  # noqa: E731
                                       max_tokens=args.eval_tokens or None, progress=False).ppl
   block_re = None if args.n_blocks is None else "|".join(str(i) for i in range(args.n_blocks))
   pattern = recipe.BLOCK_LINEARS if block_re is None else rf"layers_({block_re})/(attn|mlp)/\w+_proj/kernel"

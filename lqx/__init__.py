@@ -4,7 +4,7 @@ The whole public surface; the modules say the rest.
 """
 
 from lqx.io import load_model, load_tokenizer
-from lqx.qarray import QArray
+from lqx.formats.affine import QArray
 from lqx.quant.adadim import AdaDimConfig
 from lqx.quant.gptq import GPTQConfig, gptq_quantize
 from lqx.quant.rtn import RTNConfig, rtn_quantize

@@ -1,8 +1,8 @@
 """Layers that accept a float kernel or a quantized one.
 
-A kernel is either a float array of shape ``(in, out)`` or any object with a
-``dequantize()`` method returning that array (``lqx.qarray.QArray``). Kernels
-choose the compute path here, so model code never checks what it was given.
+A kernel is either a float array of shape ``(in, out)`` or a quantized format
+(``lqx.formats``: ``dequantize()`` gives that array, ``linear(x)`` the product).
+The kernel chooses the compute path here, so model code never checks what it was given.
 """
 
 from __future__ import annotations
@@ -17,8 +17,11 @@ def materialize(w) -> jax.Array:
 
 
 def linear(x: jax.Array, w, bias: jax.Array | None = None) -> jax.Array:
-  """``x[..., in] @ w[in, out] (+ bias[out])`` in the dtype of ``x``."""
-  y = jnp.einsum("...i,io->...o", x, materialize(w).astype(x.dtype))
+  """``x[..., in] @ w[in, out] (+ bias[out])`` in the dtype of ``x``; a format computes its own product."""
+  if hasattr(w, "linear"):
+    y = w.linear(x).astype(x.dtype)
+  else:
+    y = jnp.einsum("...i,io->...o", x, materialize(w).astype(x.dtype))
   if bias is not None:
     y = y + bias.astype(y.dtype).reshape((1,) * (y.ndim - 1) + bias.shape)
   return y

@@ -12,11 +12,10 @@ import dataclasses
 import re
 import time
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lqx import calibrate, data
+from lqx import calibrate, data, quant, tree
 from lqx.models import llama
 from lqx.quant.adadim import AdaDimConfig
 from lqx.quant.gptq import GPTQConfig
@@ -27,7 +26,7 @@ BLOCK_LINEARS = r"layers_\d+/(attn|mlp)/\w+_proj/kernel"
 # block sees the earlier stages quantized), False the reference llama.py's default (all
 # Hessians of a block from one forward). Chosen by measurement: README, "GPTQ parity".
 DEFAULT_TRUE_SEQUENTIAL = False
-Method = RTNConfig | GPTQConfig | AdaDimConfig
+Method = RTNConfig | GPTQConfig | AdaDimConfig  # for type hints; any lqx.quant protocol method works
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,12 +46,6 @@ def default_recipe(method: Method) -> tuple[Rule, ...]:
   return (Rule(BLOCK_LINEARS, method),)
 
 
-def param_paths(params) -> list[str]:
-  """"/"-joined dict-key paths of every leaf (QArrays count as leaves), layers in numeric order."""
-  out = []
-  for keys, _ in jax.tree_util.tree_leaves_with_path(params, is_leaf=lambda x: hasattr(x, "dequantize")):
-    out.append("/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in keys))
-  return sorted(out, key=lambda p: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p)])
 
 
 def match(recipe, params) -> dict[str, Method]:
@@ -61,7 +54,7 @@ def match(recipe, params) -> dict[str, Method]:
   if not recipe:
     raise ValueError("recipe is empty: give at least one Rule(pattern, method)")
   targets = {}
-  for path in param_paths(params):
+  for path in tree.paths(params):
     for rule in recipe:
       if re.fullmatch(rule.pattern, path):
         if rule.method is not None:
@@ -70,7 +63,7 @@ def match(recipe, params) -> dict[str, Method]:
   if not targets:
     pats = ", ".join(repr(r.pattern) for r in recipe)
     raise ValueError(f"recipe matches no parameter to quantize (patterns {pats}; "
-                     f"paths look like {param_paths(params)[:3]})")
+                     f"paths look like {tree.paths(params)[:3]})")
   return targets
 
 
@@ -96,69 +89,81 @@ class QuantReport:
             "layers": [dataclasses.asdict(l) for l in self.layers]}
 
 
-def quantize(config: llama.LlamaConfig, params: dict, recipe, calibration_tokens: np.ndarray | None = None,
-             *, batch_size: int = 8, true_sequential: bool = DEFAULT_TRUE_SEQUENTIAL,
+def quantize(config: llama.LlamaConfig | calibrate.Units | None, params: dict, recipe,
+             calibration_tokens: np.ndarray | None = None,
+             *, batch_size: int = 8, true_sequential: bool | None = None,
              progress: bool = True) -> tuple[dict, QuantReport]:
   """Quantizes ``params`` by ``recipe``; returns ``(qparams, report)``. Pure: ``params`` is untouched.
 
-  ``calibration_tokens`` (N, T) are needed by GPTQ and AdaDim (block-sequential,
-  ``lqx.calibrate``); RTN alone runs without them (its report then gives weight
-  errors instead of output errors). Block linears are calibrated; other matched
-  leaves (e.g. the embedding) take RTN on the weights. ``true_sequential``
-  picks the calibration pipeline (``calibrate.quantize_sequential``). The report's
-  ``calibration_sha256`` is ``data.tokens_sha256(calibration_tokens)`` (None without them).
+  ``config``: a ``LlamaConfig`` (the decoder, ``calibrate.quantize_sequential``), any
+  model as ``calibrate.Units`` (``lqx.adapters.nnx_units`` / ``linen_units``;
+  ``calibrate.quantize_units``), or None for data-free methods on any pytree.
+  ``calibration_tokens``: (N, ...) model inputs, (N, T) token ids for LLaMA; needed
+  by methods with ``stats`` (GPTQ, AdaDim); RTN alone runs without them (its report
+  then gives weight errors instead of output errors). Linears inside the units are
+  calibrated; other matched leaves (e.g. the embedding) take a data-free method.
+  ``true_sequential`` picks the calibration pipeline (None: ``DEFAULT_TRUE_SEQUENTIAL``
+  for LLaMA, True for ``Units``). The report's ``calibration_sha256`` is
+  ``data.tokens_sha256`` of integer (N, T) calibration tokens (None otherwise).
   """
   t0 = time.perf_counter()
   targets = match(recipe, params)
-  block_re = re.compile(r"layers_\d+/.*")
-  in_blocks = {k: v for k, v in targets.items() if block_re.fullmatch(k)}
-  outside = {k: v for k, v in targets.items() if k not in in_blocks}
-  needs_data = any(not isinstance(m, RTNConfig) for m in targets.values())
+  needs_data = {m.name for m in targets.values() if m.stats}
   if needs_data and calibration_tokens is None:
-    kinds = sorted({calibrate.method_name(m) for m in targets.values() if not isinstance(m, RTNConfig)})
-    raise ValueError(f"methods {kinds} need calibration_tokens (n_samples, seq_len)")
+    raise ValueError(f"methods {sorted(needs_data)} need calibration_tokens (n_samples, ...)")
+  if needs_data and not isinstance(config, (llama.LlamaConfig, calibrate.Units)):
+    raise ValueError(f"methods {sorted(needs_data)} need the model to calibrate: pass a LlamaConfig or "
+                     f"lqx.calibrate.Units (e.g. lqx.adapters.nnx_units(model)) as config, "
+                     f"got {type(config).__name__}")
+  if isinstance(config, calibrate.Units):
+    in_units = re.compile("|".join(re.escape(n) + "/.*" if n else ".*" for n in config.names))
+  else:
+    in_units = re.compile(r"layers_\d+/.*")
+  in_blocks = {k: v for k, v in targets.items() if in_units.fullmatch(k)}
+  outside = {k: v for k, v in targets.items() if k not in in_blocks}
   reports, timings, pipeline = [], {}, None
   qparams = params
-  if in_blocks and calibration_tokens is not None:
+  if not in_blocks or calibration_tokens is None or config is None:
+    outside = targets
+  elif isinstance(config, calibrate.Units):
+    inputs = np.asarray(calibration_tokens)
+    batches = [jnp.asarray(inputs[i: i + batch_size]) for i in range(0, len(inputs), batch_size)]
+    pipeline = True if true_sequential is None else true_sequential
+    qparams, reports = calibrate.quantize_units(config, params, in_blocks, batches,
+                                                true_sequential=pipeline, progress=progress)
+  else:
+    pipeline = DEFAULT_TRUE_SEQUENTIAL if true_sequential is None else true_sequential
     qparams, reports, timings = calibrate.quantize_sequential(
         config, params, in_blocks, calibration_tokens, batch_size=batch_size,
-        true_sequential=true_sequential, progress=progress)
-    pipeline = true_sequential
-  else:
-    outside = targets
+        true_sequential=pipeline, progress=progress)
   for path, method in outside.items():
-    if not isinstance(method, RTNConfig):
-      raise ValueError(f"{path}: only RTN applies outside the decoder blocks, got {calibrate.method_name(method)}")
+    if method.stats:
+      raise ValueError(f"{path}: only data-free methods (e.g. RTN) apply outside the model's units, "
+                       f"got {method.name} (needs {', '.join(method.stats)})")
     t = time.perf_counter()
-    w = calibrate._get(qparams, path)
-    q, _ = calibrate.quantize_kernel(w, None, method, path)
-    qparams = calibrate._set(qparams, path, q)
-    reports.append(calibrate.LayerReport(
-        name=path, method="rtn", bits=method.bits, group_size=method.group_size, group_axis=method.group_axis,
-        bits_per_weight=q.bits_per_weight, error=float(calibrate.relative_weight_error(w, q.dequantize())),
-        error_kind="weight", seconds=time.perf_counter() - t, numel=int(w.size)))
+    w = tree.get(qparams, path)
+    q, info = method.quantize(w, {}, name=path)
+    qparams = tree.replace(qparams, path, q)
+    reports.append(calibrate.report(path, method, w, q, info, None, time.perf_counter() - t))
   ntok = 0 if calibration_tokens is None else int(np.asarray(calibration_tokens).size)
-  sha = None if calibration_tokens is None else data.tokens_sha256(np.asarray(calibration_tokens))
+  a = None if calibration_tokens is None else np.asarray(calibration_tokens)
+  sha = data.tokens_sha256(a) if a is not None and a.ndim == 2 and a.dtype.kind in "iu" else None
   return qparams, QuantReport(layers=reports, seconds=time.perf_counter() - t0, calibration_tokens=ntok,
                               calibration_sha256=sha, true_sequential=pipeline, timings=timings)
 
 
-METHODS = ("rtn", "gptq", "adadim-rtn", "adadim-gptq")
+METHODS = tuple(quant.METHODS)  # the registry's names (CLI choices)
 
 
 def make_method(name: str, *, bits: int, group_size: int = 128, group_axis: str = "oc", sym: bool = False,
                 act_order: bool = False, static_groups: bool = False, mse: bool = False,
                 scale_dtype=jnp.float16) -> Method:
-  """A method config from its CLI name (one of ``METHODS``). AdaDim ignores ``group_axis``."""
-  if name not in METHODS:
-    raise ValueError(f"method must be one of {METHODS}, got {name!r}")
-  base_name = name.removeprefix("adadim-")
-  if base_name == "rtn":
-    if act_order or static_groups:
+  """A method config from its CLI name (``lqx.quant.METHODS``). AdaDim ignores ``group_axis``."""
+  if name not in quant.METHODS:
+    raise ValueError(f"method must be one of {tuple(quant.METHODS)}, got {name!r}")
+  opts = dict(bits=bits, group_size=group_size, group_axis=group_axis, sym=sym, mse=mse, scale_dtype=scale_dtype)
+  if act_order or static_groups:
+    if name.removeprefix("adadim-") == "rtn":
       raise ValueError("act_order and static_groups are GPTQ options; RTN takes neither")
-    base = RTNConfig(bits=bits, group_size=group_size, group_axis=group_axis, sym=sym, mse=mse,
-                     scale_dtype=scale_dtype)
-  else:
-    base = GPTQConfig(bits=bits, group_size=group_size, group_axis=group_axis, sym=sym, act_order=act_order,
-                      static_groups=static_groups, mse=mse, scale_dtype=scale_dtype)
-  return AdaDimConfig(base) if name.startswith("adadim-") else base
+    opts.update(act_order=act_order, static_groups=static_groups)
+  return quant.make(name, **opts)

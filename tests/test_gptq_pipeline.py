@@ -25,7 +25,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from lqx import recipe  # noqa: E402
-from lqx.calibrate import _get  # noqa: E402
+from lqx.tree import get as _get  # noqa: E402
 from lqx.models import llama  # noqa: E402
 from lqx.quant.gptq import GPTQConfig, gptq_quantize  # noqa: E402
 

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lqx import calibrate, data, eval as lqx_eval, recipe
+from lqx import data, evaluate, recipe, tree
 from lqx.models import llama
 from lqx.quant import hessian
 from lqx.quant.adadim import AdaDimConfig
@@ -21,7 +21,7 @@ def calib(train_tokens):
 
 
 def _ppl(config, params, tokens):
-  return lqx_eval.perplexity(config, params, tokens, seq_len=256, max_tokens=EVAL_TOKENS, progress=False).ppl
+  return evaluate.perplexity(config, params, tokens, seq_len=256, max_tokens=EVAL_TOKENS, progress=False).ppl
 
 
 def test_gptq_beats_rtn_at_w3_g128(smollm2, calib, heldout_tokens):
@@ -67,6 +67,42 @@ def test_adadim_choice_is_argmin_of_judged_error(smollm2, calib):
     assert set(layer.candidates) == {"oc", "ic"}, layer
     assert layer.candidates[layer.group_axis] == min(layer.candidates.values()), layer
   assert {l.group_axis for l in rep.layers} == {"oc", "ic"}  # both axes win somewhere on this model
+
+
+def test_adadim_judged_errors_are_output_mses(smollm2, calib):
+  """Judged errors are the mean squared errors of the judged outputs, recomputed here by forward:
+  o/down on their own output (lqx takes it from H), q on the attention output. Reference
+  pipeline: every tap comes from the float block, and q is judged first."""
+  config, params, _ = smollm2
+  rules = [recipe.Rule(r"layers_0/(attn/[qo]|mlp/down)_proj/kernel", AdaDimConfig(RTNConfig(bits=3, group_size=64)))]
+  _, rep = recipe.quantize(config, params, rules, calib[:2], progress=False, true_sequential=False)
+  p = params["layers_0"]
+  x = llama.embed(config, params, jnp.asarray(calib[:2]))
+  _, taps = llama.block_taps(config, p, x)
+  judged = {l.name.split("/")[-2]: l.candidates for l in rep.layers}
+  for lin, tap, judge in (("attn/q_proj", "attn_in", "attn"), ("attn/o_proj", "o_in", "attn/o_proj"),
+                          ("mlp/down_proj", "down_in", "mlp/down_proj")):
+    for axis in ("oc", "ic"):
+      q = rtn_quantize(tree.get(p, lin + "/kernel"), RTNConfig(bits=3, group_size=64, group_axis=axis))
+      probe = tree.replace(p, lin + "/kernel", q.dequantize())
+      want = float(jnp.mean(jnp.square(llama.judge_output(config, probe, judge, taps[tap])
+                                       - llama.judge_output(config, p, judge, taps[tap]))))
+      np.testing.assert_allclose(judged[lin.split("/")[1]][axis], want, rtol=2e-4, err_msg=f"{lin} {axis}")
+
+
+def test_adadim_rtn_selection_solves_only_the_chosen_axis(smollm2, calib, monkeypatch):
+  """select_with="rtn" (the reference GPTQ-ada): RTN ranks the axes, GPTQ runs once, on the winner."""
+  config, params, _ = smollm2
+  solved = []
+  real = GPTQConfig.quantize
+  monkeypatch.setattr(GPTQConfig, "quantize", lambda self, w, stats, *, name=None, **kw:
+                      solved.append((name, self.group_axis)) or real(self, w, stats, name=name, **kw))
+  m = AdaDimConfig(GPTQConfig(bits=3, group_size=64), select_with="rtn")
+  _, rep = recipe.quantize(config, params, [recipe.Rule(r"layers_0/mlp/\w+_proj/kernel", m)], calib[:2],
+                           progress=False)
+  assert solved == [(l.name, l.group_axis) for l in rep.layers]
+  for l in rep.layers:
+    assert l.candidates[l.group_axis] == min(l.candidates.values())
 
 
 def test_adadim_skips_axes_that_do_not_fit(smollm2, calib):

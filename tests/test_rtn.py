@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lqx import qarray
+from lqx.formats import affine
 from lqx.quant.rtn import RTNConfig, find_params, rtn_quantize
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
@@ -69,7 +69,7 @@ def np_rtn(w, bits, group_size, group_axis, sym, mse=False, scale_dtype=np.float
   if group_axis == "oc":
     return np_rtn_per_oc(w, bits, group_size, sym, mse, scale_dtype)
   ic, oc = w.shape
-  gi, go = qarray.group_shape(w.shape, group_size, group_axis)
+  gi, go = affine.group_shape(w.shape, group_size, group_axis)
   groups = w.reshape(ic // gi, gi, oc // go, go).transpose(0, 2, 1, 3).reshape(-1, gi * go)
   scale, zero = np_find_params(groups, bits, sym, mse, scale_dtype)
   codes = np.clip(np.round(groups / scale[:, None]) + zero[:, None], 0, 2**bits - 1)
@@ -110,8 +110,8 @@ def test_mse_matches_numpy_and_is_never_worse(bits, layout, sym):
   plain = np.asarray(rtn_quantize(jnp.asarray(w), RTNConfig(bits, layout[1], layout[0], sym=sym,
                                                             scale_dtype=np.float32)).dequantize())
   # The search includes the plain range (p = 1), so its own objective never gets worse, group by group.
-  gi, go = qarray.group_shape(w.shape, layout[1], layout[0])
-  n_gi, n_go = qarray.scale_shape(w.shape, layout[1], layout[0])
+  gi, go = affine.group_shape(w.shape, layout[1], layout[0])
+  n_gi, n_go = affine.scale_shape(w.shape, layout[1], layout[0])
   per_group = lambda d: np.sum(np.pad(np.abs(d - w) ** 2.4, ((0, n_gi * gi - 64), (0, 0))).reshape(
       n_gi, gi, n_go, go), axis=(1, 3))
   assert np.all(per_group(np.asarray(qa.dequantize())) <= per_group(plain) * (1 + 1e-5))

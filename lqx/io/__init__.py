@@ -15,6 +15,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
+
 
 NAMED_MODELS = ("smollm2-135m",)
 
@@ -49,20 +52,25 @@ def _resolve(path_or_name: str | Path) -> tuple[str, Path]:
 
 
 def load_model(path_or_name: str | Path) -> tuple:
-  """``(LlamaConfig, params)`` of a named model, a .gguf file, a Hugging Face or lqx checkpoint folder."""
+  """``(config, params)`` of a named model, a .gguf file, a Hugging Face or lqx checkpoint folder.
+
+  Every array leaf of ``params`` is a ``jax.Array`` whatever the source (quantized
+  kernels from a checkpoint keep their format).
+  """
   kind, path = _resolve(path_or_name)
   if kind == "lqx":
     from lqx.io.checkpoint import restore
 
     config, params, _ = restore(path)
-    return config, params
-  if kind == "gguf":
+  elif kind == "gguf":
     from lqx.io.gguf import load_gguf
 
-    return load_gguf(path)
-  from lqx.io.hf import load_hf
+    config, params = load_gguf(path)
+  else:
+    from lqx.io.hf import load_hf
 
-  return load_hf(path)
+    config, params = load_hf(path)
+  return config, jax.tree.map(jnp.asarray, params)
 
 
 def load_tokenizer(path_or_name: str | Path):

@@ -44,7 +44,7 @@ Group parameters per layout:
   ``c`` (one input channel) is reached, its groups of ``g`` consecutive output
   channels get min-max parameters from the row as already updated by error
   feedback, then the row is quantized with them. We use the same min-max rule
-  as everywhere (``lqx.quant.rtn.find_params``: range contains 0, sym/mse
+  as everywhere (``lqx.quant.grid.find_params``: range contains 0, sym/mse
   options); AdaDim's ``pseudo_quantize_tensor`` uses AWQ's ``[min, max]`` with a
   ``1e-5`` clamp instead.
 * ``group_size=-1`` (per channel) and ``group_axis="tensor"``: fixed in step 1.
@@ -63,9 +63,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from lqx import qarray
-from lqx.qarray import QArray
-from lqx.quant import rtn
+from lqx.formats import affine
+from lqx.formats.affine import QArray
+from lqx.quant import grid
 
 _HI = jax.lax.Precision.HIGHEST
 
@@ -86,9 +86,31 @@ class GPTQConfig:
   scale_dtype: Any = jnp.float16
   max_damp_retries: int = 3  # damp * 10**k, k = 1..max_damp_retries, after a failed Cholesky
 
+  name = "gptq"
+  stats = ("hessian",)
+
+  def quantize(self, w: jax.Array, stats: dict, *, name: str | None = None, solved: dict | None = None,
+               **_) -> tuple[QArray, dict]:
+    """Method protocol (``lqx.quant``): :func:`gptq_quantize` with ``stats["hessian"]``.
+
+    ``solved``: config -> ``(QArray, info)`` already made by :meth:`quantize_shared`.
+    """
+    if solved and self in solved:
+      return solved[self]
+    if stats.get("hessian") is None:
+      raise ValueError(f"{name}: GPTQ needs calibration data (a Hessian); pass calibration tokens")
+    return gptq_quantize(w, stats["hessian"], self, name=name)
+
+  def shared(self, shape) -> list:
+    """Configs whose solve kernels reading one input can share (:func:`can_share_solve`)."""
+    return [self] if can_share_solve(self) else []
+
+  def quantize_shared(self, ws: list, stats: dict, names: list) -> list:
+    return gptq_quantize_shared(ws, stats["hessian"], self, names=names)
+
   def __post_init__(self):
-    rtn.check_layout_config(self.bits, self.group_size, self.group_axis)
-    object.__setattr__(self, "scale_dtype", qarray.check_scale_dtype(self.scale_dtype))
+    grid.check_layout_config(self.bits, self.group_size, self.group_axis)
+    object.__setattr__(self, "scale_dtype", affine.check_scale_dtype(self.scale_dtype))
     if self.static_groups and (self.group_axis != "oc" or self.group_size == -1):
       raise ValueError(
           f"static_groups applies to per-OC groups (group_axis='oc', group_size > 0), "
@@ -204,8 +226,8 @@ def _solve(w: jax.Array, h: jax.Array, config: GPTQConfig):
   ic, oc = w.shape
   bits, g, sd = config.bits, config.group_size, config.scale_dtype
   mode = _mode(config)
-  mq = qarray.maxq(bits)
-  fp = functools.partial(rtn.find_params, bits=bits, sym=config.sym, mse=config.mse, scale_dtype=sd)
+  mq = affine.maxq(bits)
+  fp = functools.partial(grid.find_params, bits=bits, sym=config.sym, mse=config.mse, scale_dtype=sd)
   w0 = w.astype(jnp.float32)
   h0 = h.astype(jnp.float32)
 
@@ -221,7 +243,7 @@ def _solve(w: jax.Array, h: jax.Array, config: GPTQConfig):
   hh = h0 + jnp.diag(dead.astype(jnp.float32))
   ww = jnp.where(dead[:, None], 0.0, w0)
   if mode in ("static", "dynamic"):
-    gsz = qarray.group_shape(w.shape, g, "oc")[0]  # min(g, IC); groups start at multiples of it
+    gsz = affine.group_shape(w.shape, g, "oc")[0]  # min(g, IC); groups start at multiples of it
     n_groups = -(-ic // gsz)
     ragged = n_groups * gsz != ic  # the last group is shorter
   # 3. Static groups on the unpermuted rows.
@@ -300,9 +322,9 @@ def _solve(w: jax.Array, h: jax.Array, config: GPTQConfig):
       row = w1[i] - jnp.einsum("b,bo->o", u1[:, i], err1, precision=_HI)
       d = u1[i, i]
       s, z, store, cur = row_params(c, row, wfull, store, cur)
-      q = jnp.clip(jnp.round(qarray.ieee_div(row, s)) + z, 0, mq)
+      q = jnp.clip(jnp.round(affine.ieee_div(row, s)) + z, 0, mq)
       qrow = s * (q - z)
-      err = qarray.ieee_div(row - qrow, d)
+      err = affine.ieee_div(row - qrow, d)
       loss = loss + 0.5 * err**2  # per output channel: no cross-OC reduction
       codes1 = jax.lax.dynamic_update_slice(codes1, q.astype(jnp.uint8)[None], (i, 0))
       err1 = jax.lax.dynamic_update_slice(err1, err[None], (i, 0))
@@ -376,7 +398,7 @@ def gptq_quantize(w: jax.Array, h: jax.Array, config: GPTQConfig, *,
   Returns ``(QArray, info)``; ``info`` holds Python floats:
 
   * ``proxy_loss``: ``tr((w - Q)^T H (w - Q))`` with ``w`` and ``H`` as given and
-    ``Q = qarray.dequantize()`` (``= 2/N ||X w - X Q||^2`` for ``H = 2/N X^T X``);
+    ``Q = affine.dequantize()`` (``= 2/N ||X w - X Q||^2`` for ``H = 2/N X^T X``);
   * ``gptq_loss``: the reference's printed error, ``sum (w_c - q_c)^2 / U_cc^2 / 2``;
   * ``damp``: relative damping used (``config.damp * 10**k``); ``damp_abs`` the
     absolute value added to ``diag H``;
@@ -415,7 +437,7 @@ def gptq_quantize_shared(ws: list, h: jax.Array, config: GPTQConfig, *,
   names = [None] * len(ws) if names is None else list(names)
   layers = [f"layer {n!r}" if n else "unnamed layer (pass name=...)" for n in names]
   for w, layer in zip(ws, layers):
-    rtn.check_kernel(w, config.group_size, config.group_axis, name=f"w of {layer}")
+    grid.check_kernel(w, config.group_size, config.group_axis, name=f"w of {layer}")
   ic = ws[0].shape[0]
   for w, layer in zip(ws, layers):
     if tuple(h.shape) != (ic, ic) or w.shape[0] != ic:
@@ -439,7 +461,7 @@ def gptq_quantize_shared(ws: list, h: jax.Array, config: GPTQConfig, *,
   for w in ws:
     o1 = o0 + w.shape[1]
     cols = slice(o0, o1) if len(ws) > 1 else slice(None)
-    qa = qarray.from_codes(codes[:, cols], scale[:, cols], None if config.sym else zero[:, cols],
+    qa = affine.from_codes(codes[:, cols], scale[:, cols], None if config.sym else zero[:, cols],
                            bits=config.bits, group_size=config.group_size, group_axis=config.group_axis,
                            dtype=w.dtype, scale_dtype=config.scale_dtype, perm=perm)
     info = dict(proxy_loss=float(proxy_loss(w, qa.dequantize(), h)), gptq_loss=float(jnp.sum(loss[cols])),

@@ -1,27 +1,13 @@
 """Round-to-nearest quantization with min-max (or MSE-clipped) group parameters.
 
-Parameters follow reference GPTQ's ``Quantizer.find_params`` (IST-DASLab/gptq
-``quant.py``), with one group per reduction:
-
-* the range always contains 0: ``xmin = min(min x, 0)``, ``xmax = max(max x, 0)``;
-* asymmetric: ``scale = (xmax - xmin) / maxq``, ``zero = round(-xmin / scale)``;
-* symmetric: ``xmax = max(|xmin|, xmax)``, ``xmin = -xmax`` if ``xmin < 0``
-  (so an all-nonnegative group keeps ``xmin = 0``, as the reference does),
-  ``zero = (maxq + 1) / 2``;
-* an all-zero group (``xmin == xmax == 0``) uses the range ``[-1, 1]``;
-* ``mse=True`` shrinks the range by ``p = 1 - i/grid`` for ``i < maxshrink*grid``
-  and keeps the ``p`` with the smallest ``sum |Q(x) - x|**norm`` (first on ties),
-  with the reference's ``grid=100, maxshrink=0.8, norm=2.4``.
-
-The one departure: each scale is rounded to its storage dtype before the zero
-point and the codes are computed (``lqx.qarray.round_scale``); with
-``scale_dtype=float32`` this is the reference exactly.
+The group parameters (reference GPTQ's ``Quantizer.find_params``, one group per
+reduction, MSE clipping) live in ``lqx.quant.grid``, shared with GPTQ.
 
 Layouts are named by ``group_axis`` ("oc": per-OC groups, "ic": per-IC groups,
 "tensor": one group, which requires ``group_size=-1``); ``group_size=-1`` is
 per-channel (one group spanning the axis). Per-OC groups need not divide IC:
 the last group is shorter and its parameters (min-max and the MSE search) see
-only its real rows (``lqx.qarray`` module doc).
+only its real rows (``lqx.formats.affine`` module doc).
 """
 
 from __future__ import annotations
@@ -32,15 +18,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from lqx import packing
-from lqx import qarray
-from lqx.qarray import QArray
+from lqx.formats import affine
+from lqx.formats.affine import QArray
 
-MSE_NORM = 2.4
-MSE_GRID = 100
-MSE_MAXSHRINK = 0.8
+from lqx.quant.grid import check_kernel, check_layout_config, find_params  # noqa: F401 (shared grid)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,101 +36,26 @@ class RTNConfig:
   mse: bool = False
   scale_dtype: Any = jnp.float16
 
+  name = "rtn"
+  stats = ()  # data-free
+
   def __post_init__(self):
     check_layout_config(self.bits, self.group_size, self.group_axis)
-    object.__setattr__(self, "scale_dtype", qarray.check_scale_dtype(self.scale_dtype))
+    object.__setattr__(self, "scale_dtype", affine.check_scale_dtype(self.scale_dtype))
 
-
-def check_layout_config(bits: int, group_size: int, group_axis: str) -> None:
-  """Validate bits / group_size / group_axis before any shape is known."""
-  packing.check_bits(bits)
-  if group_axis not in qarray.GROUP_AXES:
-    raise ValueError(f"{group_axis=} is not one of {qarray.GROUP_AXES}")
-  if isinstance(group_size, bool) or not isinstance(group_size, (int, np.integer)) or (
-      group_size != -1 and group_size <= 0):
-    raise ValueError(f"{group_size=} must be a positive int or -1 (one group spanning the axis)")
-  if group_axis == "tensor" and group_size != -1:
-    raise ValueError(
-        f"group_axis='tensor' takes group_size=-1 (one group spanning the whole matrix), got {group_size=}")
-
-
-def check_kernel(w, group_size: int, group_axis: str, name: str = "w") -> None:
-  """Raise ``ValueError`` unless ``w`` is a 2-D float ``(IC, OC)`` kernel fitting the groups.
-
-  NaN/Inf are checked only when ``w`` is concrete (not under ``jit``).
-  """
-  if getattr(w, "ndim", None) != 2:
-    raise ValueError(f"{name} must be a 2-D (IC, OC) kernel, got shape {tuple(np.shape(w))}")
-  if not jnp.issubdtype(w.dtype, jnp.floating):
-    raise ValueError(f"{name} must be a float array, got dtype {w.dtype}")
-  try:
-    qarray.group_shape(w.shape, group_size, group_axis)
-  except ValueError as e:
-    raise ValueError(f"{name} {tuple(w.shape)}: {e}") from None
-  if not isinstance(w, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(w))):
-    bad = int(jnp.sum(~jnp.isfinite(w)))
-    raise ValueError(f"{name} {tuple(w.shape)} has {bad} NaN/Inf entries; quantization needs finite weights")
-
-
-def find_params(x: jax.Array, *, bits: int, sym: bool, axis, mse: bool = False,
-                scale_dtype=jnp.float16, norm: float = MSE_NORM, grid: int = MSE_GRID,
-                maxshrink: float = MSE_MAXSHRINK, mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-  """Scale and zero point of each group of ``x``, a group being a slice along ``axis``.
-
-  Returns float32 ``(scale, zero)`` with ``axis`` (int or tuple) reduced away.
-  ``scale`` is already rounded to ``scale_dtype``; ``zero`` holds integers in
-  ``[0, maxq]`` (the constant ``2**(bits-1)`` when ``sym``). See the module doc.
-  ``mask`` (bool, broadcastable to ``x``; True = real element) excludes padding
-  (a short last group) from the min/max and from the MSE error sum; every group
-  needs at least one real element.
-  """
-  packing.check_bits(bits)
-  axes = (axis,) if isinstance(axis, int) else tuple(axis)
-  mq = qarray.maxq(bits)
-  x = x.astype(jnp.float32)
-  if mask is not None:  # masked-out entries read as 0, which the range always contains
-    x = jnp.where(mask, x, 0.0)
-  xmin = jnp.minimum(jnp.min(x, axis=axes), 0.0)
-  xmax = jnp.maximum(jnp.max(x, axis=axes), 0.0)
-  if sym:
-    xmax = jnp.maximum(jnp.abs(xmin), xmax)
-    xmin = jnp.where(xmin < 0, -xmax, xmin)
-  empty = (xmin == 0) & (xmax == 0)
-  xmin = jnp.where(empty, -1.0, xmin)
-  xmax = jnp.where(empty, 1.0, xmax)
-
-  def params(lo, hi):
-    scale = qarray.round_scale(qarray.ieee_div(hi - lo, float(mq)), scale_dtype)
-    if sym:
-      return scale, jnp.full_like(scale, qarray.sym_zero(bits))
-    return scale, jnp.clip(jnp.round(-lo / scale), 0, mq)
-
-  scale, zero = params(xmin, xmax)
-  if not mse:
-    return scale, zero
-
-  shrink = jnp.asarray([1 - i / grid for i in range(int(maxshrink * grid))], jnp.float32)
-
-  def body(i, carry):
-    best, scale, zero = carry
-    s1, z1 = params(shrink[i] * xmin, shrink[i] * xmax)
-    sk, zk = jnp.expand_dims(s1, axes), jnp.expand_dims(z1, axes)
-    q = sk * (jnp.clip(jnp.round(qarray.ieee_div(x, sk)) + zk, 0, mq) - zk)
-    err = jnp.abs(q - x) ** norm
-    err = jnp.sum(err if mask is None else jnp.where(mask, err, 0.0), axis=axes)
-    better = err < best
-    return jnp.where(better, err, best), jnp.where(better, s1, scale), jnp.where(better, z1, zero)
-
-  init = (jnp.full(scale.shape, jnp.inf, jnp.float32), scale, zero)
-  _, scale, zero = jax.lax.fori_loop(0, shrink.shape[0], body, init)
-  return scale, zero
+  def quantize(self, w: jax.Array, stats: dict | None = None, *, name: str | None = None, **_) -> tuple[QArray, dict]:
+    """Method protocol (``lqx.quant``): ``(QArray, {})``; errors name the param path ``name``."""
+    try:
+      return rtn_quantize(w, self), {}
+    except ValueError as e:
+      raise ValueError(f"{name}: {e}" if name else str(e)) from e
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
 def _rtn(w: jax.Array, config: RTNConfig) -> QArray:
   ic, oc = w.shape
-  gi, go = qarray.group_shape(w.shape, config.group_size, config.group_axis)
-  g_ic, g_oc = qarray.scale_shape(w.shape, config.group_size, config.group_axis)
+  gi, go = affine.group_shape(w.shape, config.group_size, config.group_axis)
+  g_ic, g_oc = affine.scale_shape(w.shape, config.group_size, config.group_axis)
   x = w.astype(jnp.float32)
   mask = None
   if g_ic * gi != ic:  # per-OC groups with a short last group: pad, and mask the padding out
@@ -157,7 +64,7 @@ def _rtn(w: jax.Array, config: RTNConfig) -> QArray:
   x = x.reshape(g_ic, gi, g_oc, go)
   scale, zero = find_params(x, bits=config.bits, sym=config.sym, axis=(1, 3), mse=config.mse,
                             scale_dtype=config.scale_dtype, mask=mask)
-  return qarray.quantize_with_params(
+  return affine.quantize_with_params(
       w, scale, None if config.sym else zero, bits=config.bits, group_size=config.group_size,
       group_axis=config.group_axis, scale_dtype=config.scale_dtype)
 
@@ -167,7 +74,7 @@ def rtn_quantize(w: jax.Array, config: RTNConfig) -> QArray:
 
   Scales have shape ``(ceil(IC/g), OC)`` for per-OC groups (the last group
   may be shorter), ``(IC, OC/g)`` for per-IC groups (``g`` must divide OC),
-  ``(1, 1)`` per tensor (``lqx.qarray``). Jittable with
+  ``(1, 1)`` per tensor (``lqx.formats.affine``). Jittable with
   ``config`` static; NaN/Inf checks run only on concrete inputs.
   """
   check_kernel(w, config.group_size, config.group_axis)

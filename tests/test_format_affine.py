@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lqx import qarray
-from lqx.qarray import QArray
+from lqx.formats import affine
+from lqx.formats.affine import QArray
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
@@ -26,10 +26,10 @@ def make(ic, oc, bits, group_axis, group_size, sym, scale_dtype=jnp.float16, per
   """A QArray from random codes / scales / zeros, plus those raw arrays (stored order)."""
   rng = np.random.default_rng(seed)
   codes = rng.integers(0, 2**bits, size=(ic, oc))
-  scale = rng.uniform(0.01, 1.0, size=qarray.scale_shape((ic, oc), group_size, group_axis)).astype(np.float32)
+  scale = rng.uniform(0.01, 1.0, size=affine.scale_shape((ic, oc), group_size, group_axis)).astype(np.float32)
   zero = None if sym else rng.integers(0, 2**bits, size=scale.shape)
   p = rng.permutation(ic) if perm else None
-  qa = qarray.from_codes(jnp.asarray(codes), jnp.asarray(scale), None if zero is None else jnp.asarray(zero),
+  qa = affine.from_codes(jnp.asarray(codes), jnp.asarray(scale), None if zero is None else jnp.asarray(zero),
                          bits=bits, group_size=group_size, group_axis=group_axis, dtype=dtype,
                          scale_dtype=scale_dtype, perm=None if p is None else jnp.asarray(p))
   return qa, codes, scale, zero, p
@@ -90,14 +90,14 @@ def test_bits_per_weight_by_hand(args, bpw):
        sd=st.sampled_from([jnp.float16, jnp.bfloat16, jnp.float32]), perm=st.booleans())
 def test_bits_per_weight_formula(ic, oc, bits, layout, sym, sd, perm):
   group_axis, group_size = layout
-  n_gi, n_go = qarray.scale_shape((ic, oc), group_size, group_axis)
+  n_gi, n_go = affine.scale_shape((ic, oc), group_size, group_axis)
   abstract = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt)  # trace only: no compilation
   qa = jax.eval_shape(
-      lambda c, s, z, p: qarray.from_codes(c, s, z, bits=bits, group_size=group_size, group_axis=group_axis,
+      lambda c, s, z, p: affine.from_codes(c, s, z, bits=bits, group_size=group_size, group_axis=group_axis,
                                            dtype=jnp.float32, scale_dtype=sd, perm=p),
       abstract((ic, oc), jnp.uint8), abstract((n_gi, n_go), jnp.float32),
       None if sym else abstract((n_gi, n_go), jnp.float32), abstract((ic,), jnp.int32) if perm else None)
-  gi = qarray.group_shape((ic, oc), group_size, group_axis)[0]
+  gi = affine.group_shape((ic, oc), group_size, group_axis)[0]
   assert n_gi == (-(-ic // gi) if group_axis == "oc" else ic if group_axis == "ic" else 1)
   total = (32 * -(-ic * bits // 32) * oc + 8 * np.dtype(sd).itemsize * n_gi * n_go
            + (0 if sym else 8 * -(-n_gi * bits // 8) * n_go) + (32 * ic if perm else 0))
@@ -128,14 +128,14 @@ def test_dequantize_invariant(ic, oc, bits, layout, sym, perm, seed):
 def test_quantize_with_params_error_within_half_step(layout, bits, seed):
   group_axis, group_size = layout
   w = np.random.default_rng(seed).normal(size=(64, 48)).astype(np.float32)
-  gi, go = qarray.group_shape(w.shape, group_size, group_axis)
-  n_gi, n_go = qarray.scale_shape(w.shape, group_size, group_axis)
+  gi, go = affine.group_shape(w.shape, group_size, group_axis)
+  n_gi, n_go = affine.scale_shape(w.shape, group_size, group_axis)
   # NaN-pad a short last group: nanmin / nanmax see only its real rows.
   g = np.pad(w, ((0, n_gi * gi - 64), (0, 0)), constant_values=np.nan).reshape(n_gi, gi, n_go, go)
   lo, hi = np.minimum(np.nanmin(g, (1, 3)), 0), np.maximum(np.nanmax(g, (1, 3)), 0)
   scale = (hi - lo) / (2**bits - 1)
-  zero = np.round(-lo / qarray.round_scale(jnp.asarray(scale), jnp.float32))
-  qa = qarray.quantize_with_params(jnp.asarray(w), jnp.asarray(scale), jnp.asarray(zero), bits=bits,
+  zero = np.round(-lo / affine.round_scale(jnp.asarray(scale), jnp.float32))
+  qa = affine.quantize_with_params(jnp.asarray(w), jnp.asarray(scale), jnp.asarray(zero), bits=bits,
                                    group_size=group_size, group_axis=group_axis, scale_dtype=jnp.float32)
   step = expand(scale, gi, go, 64, 48)
   assert np.all(np.abs(np.asarray(qa.dequantize()) - w) <= 0.5 * step * (1 + 1e-5) + 1e-7)
@@ -171,7 +171,7 @@ def test_ragged_per_oc_groups_by_hand():
   codes = np.arange(10 * 3).reshape(10, 3) % 8
   scale = np.array([[1.0, 2.0, 4.0], [0.5, 0.25, 1.0], [8.0, 1.0, 2.0]], np.float32)
   zero = np.array([[2, 5, 7], [0, 1, 3], [7, 6, 4]])
-  qa = qarray.from_codes(jnp.asarray(codes), jnp.asarray(scale), jnp.asarray(zero), bits=3, group_size=4,
+  qa = affine.from_codes(jnp.asarray(codes), jnp.asarray(scale), jnp.asarray(zero), bits=3, group_size=4,
                          group_axis="oc", dtype=jnp.float32, scale_dtype=jnp.float32)
   assert qa.group_shape == (4, 1) and qa.scale.shape == (3, 3) and qa.zero.shape == (2, 3)  # ceil(3*3/8) bytes
   np.testing.assert_array_equal(np.asarray(qa.zero_points()), zero)
@@ -179,43 +179,43 @@ def test_ragged_per_oc_groups_by_hand():
   np.testing.assert_array_equal(np.asarray(qa.dequantize()), (codes - zero[rows]) * scale[rows])
   # quantize_with_params rounds each row against its own group's parameters.
   w = np.asarray(qa.dequantize()) + 0.1 * scale[rows]
-  again = qarray.quantize_with_params(jnp.asarray(w), jnp.asarray(scale), jnp.asarray(zero), bits=3, group_size=4,
+  again = affine.quantize_with_params(jnp.asarray(w), jnp.asarray(scale), jnp.asarray(zero), bits=3, group_size=4,
                                       group_axis="oc", scale_dtype=jnp.float32)
   np.testing.assert_array_equal(np.asarray(again.codes()), codes)
   # g >= IC is a single group per output channel.
-  assert qarray.group_shape((10, 3), 16, "oc") == (10, 1) and qarray.scale_shape((10, 3), 16, "oc") == (1, 3)
+  assert affine.group_shape((10, 3), 16, "oc") == (10, 1) and affine.scale_shape((10, 3), 16, "oc") == (1, 3)
 
 
 def test_errors():
   codes = jnp.zeros((64, 32), jnp.uint8)
   with pytest.raises(ValueError, match=r"scale has shape \(1, 32\); .*group_size=48 on \(64, 32\) needs \(2, 32\)"):
-    qarray.from_codes(codes, jnp.ones((1, 32)), None, bits=4, group_size=48, group_axis="oc", dtype=jnp.float32)
+    affine.from_codes(codes, jnp.ones((1, 32)), None, bits=4, group_size=48, group_axis="oc", dtype=jnp.float32)
   with pytest.raises(ValueError, match=r"group_size=5 does not divide the output-channel axis \(OC=32\); per-IC "
                                        r"groups must tile OC exactly"):
-    qarray.from_codes(codes, jnp.ones((64, 6)), None, bits=4, group_size=5, group_axis="ic", dtype=jnp.float32)
+    affine.from_codes(codes, jnp.ones((64, 6)), None, bits=4, group_size=5, group_axis="ic", dtype=jnp.float32)
   with pytest.raises(ValueError, match=r"group_size=64 does not divide the output-channel axis \(OC=32\)"):
-    qarray.group_shape((64, 32), 64, "ic")  # unlike per-OC, g > OC is not one group
+    affine.group_shape((64, 32), 64, "ic")  # unlike per-OC, g > OC is not one group
   for bad in (0, -2, 1.5, True):
     with pytest.raises(ValueError, match=r"group_size=.* must be a positive int or -1"):
-      qarray.group_shape((64, 32), bad, "oc")
+      affine.group_shape((64, 32), bad, "oc")
   with pytest.raises(ValueError, match=r"zero has shape \(2, 32\); expected \(3, 32\)"):
-    qarray.from_codes(codes, jnp.ones((3, 32)), jnp.ones((2, 32)), bits=4, group_size=24, group_axis="oc",
+    affine.from_codes(codes, jnp.ones((3, 32)), jnp.ones((2, 32)), bits=4, group_size=24, group_axis="oc",
                       dtype=jnp.float32)
   with pytest.raises(ValueError, match=r"scale has shape \(2, 32\); .* needs \(3, 32\)"):
-    qarray.quantize_with_params(jnp.zeros((64, 32)), jnp.ones((2, 32)), None, bits=4, group_size=24,
+    affine.quantize_with_params(jnp.zeros((64, 32)), jnp.ones((2, 32)), None, bits=4, group_size=24,
                                 group_axis="oc")
   with pytest.raises(ValueError, match=r"scale has shape \(1, 32\); .* needs \(2, 32\)"):
-    qarray.from_codes(codes, jnp.ones((1, 32)), None, bits=4, group_size=32, group_axis="oc", dtype=jnp.float32)
+    affine.from_codes(codes, jnp.ones((1, 32)), None, bits=4, group_size=32, group_axis="oc", dtype=jnp.float32)
   with pytest.raises(ValueError, match="is not a packable code width"):
-    qarray.from_codes(codes, jnp.ones((2, 32)), None, bits=7, group_size=32, group_axis="oc", dtype=jnp.float32)
+    affine.from_codes(codes, jnp.ones((2, 32)), None, bits=7, group_size=32, group_axis="oc", dtype=jnp.float32)
   with pytest.raises(ValueError, match="not a scale storage type"):
-    qarray.from_codes(codes, jnp.ones((2, 32)), None, bits=4, group_size=32, group_axis="oc",
+    affine.from_codes(codes, jnp.ones((2, 32)), None, bits=4, group_size=32, group_axis="oc",
                       dtype=jnp.float32, scale_dtype=jnp.int8)
   with pytest.raises(ValueError, match="group_axis='tensor' takes group_size=-1"):
-    qarray.group_shape((64, 32), 32, "tensor")
+    affine.group_shape((64, 32), 32, "tensor")
 
 
 def test_round_scale_keeps_scales_positive_and_finite():
-  s = qarray.round_scale(jnp.asarray([0.0, 1e-9, 1e-3, 1e6]), jnp.float16)
+  s = affine.round_scale(jnp.asarray([0.0, 1e-9, 1e-3, 1e6]), jnp.float16)
   assert np.all(np.asarray(s) > 0) and np.all(np.isfinite(np.asarray(s)))
   assert float(s[3]) == float(np.finfo(np.float16).max)
