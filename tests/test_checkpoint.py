@@ -1,24 +1,27 @@
-"""lqx.io.checkpoint: exact orbax round trips of float + QArray trees, atomic saves, clear errors."""
+"""lqx.io.checkpoint: exact orbax round trips of float + format trees, atomic saves, clear errors."""
 
 import dataclasses
+import functools
 import json
 import os
 import shutil
 import subprocess
 import sys
 import textwrap
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lqx import formats, packing
 from lqx import io as lqx_io
-from lqx import qarray
+from lqx.formats import affine
 from lqx.io import checkpoint as ck
 from lqx.io.checkpoint import CheckpointError
 from lqx.models.llama import LlamaConfig
-from lqx.qarray import QArray
+from lqx.formats.affine import QArray
 from lqx.quant.rtn import RTNConfig, rtn_quantize
 
 CONFIG = LlamaConfig(vocab_size=64, dim=32, n_layers=1, n_heads=4, n_kv_heads=2, ffn_dim=64,
@@ -57,7 +60,7 @@ def _tree():
           "mlp": {
               "gate_proj": {"kernel": rtn_quantize(  # ragged per-OC groups: 12 + 12 + 8 rows
                   w(32, 64, dtype=jnp.bfloat16), RTNConfig(bits=5, group_size=12))},
-              "up_proj": {"kernel": qarray.quantize_with_params(
+              "up_proj": {"kernel": affine.quantize_with_params(
                   up, s_up, None, bits=6, group_size=16, group_axis="oc", perm=perm)},
               "down_proj": {"kernel": w(64, 32, dtype=jnp.bfloat16)},
           },
@@ -183,7 +186,7 @@ def test_size_on_disk_matches_bits_per_weight(tmp_path):
 
   def rand_q(bits, ic, oc, g):
     gs = (ic // g, oc)
-    return qarray.from_codes(
+    return affine.from_codes(
         jnp.asarray(rng.integers(0, 2**bits, (ic, oc), dtype=np.uint8)),
         jnp.asarray(rng.uniform(0.01, 1.0, gs), jnp.float32), jnp.asarray(rng.integers(0, 2**bits, gs)),
         bits=bits, group_size=g, group_axis="oc", dtype=jnp.float32, scale_dtype=jnp.float16)
@@ -308,8 +311,10 @@ def test_save_rejects_bad_inputs_before_writing(params, tmp_path):
   dest = tmp_path / "model"
   with pytest.raises(TypeError, match="metadata is not JSON-serializable"):
     ck.save(dest, CONFIG, params, metadata={"f": object()})
-  with pytest.raises(TypeError, match="config must be a LlamaConfig"):
-    ck.save(dest, {"dim": 32}, params)
+  with pytest.raises(TypeError, match="config must be a dataclass instance, a dict or None, got list"):
+    ck.save(dest, [32], params)
+  with pytest.raises(TypeError, match="config.width: value of type object is not JSON-encodable"):
+    ck.save(dest, ToyConfig(width=object()), params)
   with pytest.raises(CheckpointError, match="layers_0/x: unsupported node of type list"):
     ck.save(dest, CONFIG, {"layers_0": {"x": [1, 2]}})
   with pytest.raises(CheckpointError, match="w: numpy array of dtype float64"):
@@ -388,10 +393,11 @@ def _set_shape(doc):
 
 @pytest.mark.parametrize("damage, message", [
     (lambda p: (p / ck.JSON_NAME).write_text((p / ck.JSON_NAME).read_text()[:200]), "corrupt, not valid JSON"),
-    (lambda p: _edit_json(p, lambda d: d.update(version=2)), "format version 2; this lqx reads version 1"),
+    (lambda p: _edit_json(p, lambda d: d.update(version=3)), "format version 3; this lqx reads versions 1, 2"),
     (lambda p: _edit_json(p, lambda d: d.update(format="other")), "corrupt, not an lqx checkpoint description"),
     (lambda p: _edit_json(p, lambda d: d.pop("tree")), "corrupt, 'tree' is missing"),
-    (lambda p: _edit_json(p, lambda d: d["config"].update(dim=-1)), "corrupt config: LlamaConfig.dim"),
+    (lambda p: _edit_json(p, lambda d: d["config"]["fields"].update(dim=-1)), "corrupt config: LlamaConfig.dim"),
+    (lambda p: _edit_json(p, lambda d: d.update(config={"dim": 1})), "corrupt, 'config' is missing or not a config"),
     (lambda p: _edit_json(p, _set_shape), r"corrupt, embed/embedding is \(32, 64\) float32 in lqx_checkpoint.json "
                                           r"but \(64, 32\) float32 in arrays/"),
     (lambda p: _edit_json(p, lambda d: d.update(tree={"dict": {"w": {"arr": 1}}})), "corrupt tree description"),
@@ -410,3 +416,294 @@ def test_not_a_checkpoint(tmp_path):
     ck.restore(tmp_path / "missing")
   with pytest.raises(CheckpointError, match=r"not an lqx checkpoint folder \(no lqx_checkpoint.json\)"):
     ck.restore(tmp_path)
+
+
+# ----------------------------------------------------------------------------- any layout, any format
+
+
+def _random_qarray(rng):
+  """A QArray of a random layout: bits, group axis/size (ragged per-OC included), sym/asym, perm, dtypes."""
+  bits = int(rng.choice(packing.BITS))
+  ic, oc = int(rng.choice([8, 24, 40, 64])), int(rng.choice([4, 12, 32]))
+  axis = str(rng.choice(affine.GROUP_AXES))
+  if axis == "oc":
+    g = int(rng.choice([-1, int(rng.integers(1, ic + 5))]))
+  elif axis == "ic":
+    g = int(rng.choice([-1] + [d for d in range(1, oc + 1) if oc % d == 0]))
+  else:
+    g = -1
+  gshape = affine.scale_shape((ic, oc), g, axis)
+  zero = None if rng.random() < 0.4 else jnp.asarray(rng.integers(0, 2**bits, gshape))
+  perm = None if rng.random() < 0.5 else jnp.asarray(rng.permutation(ic), jnp.int32)
+  return affine.from_codes(
+      jnp.asarray(rng.integers(0, 2**bits, (ic, oc), dtype=np.uint8)),
+      jnp.asarray(rng.uniform(0.01, 1.0, gshape), jnp.float32), zero, bits=bits, group_size=g, group_axis=axis,
+      dtype=rng.choice([jnp.float32, jnp.bfloat16, jnp.float16]),
+      scale_dtype=affine.SCALE_DTYPES[int(rng.integers(3))], perm=perm)
+
+
+def test_random_qarray_layouts_round_trip_exactly(tmp_path):
+  rng = np.random.default_rng(7)
+  params = {f"q{i}": {"kernel": _random_qarray(rng)} for i in range(16)}
+  qs = [p["kernel"] for p in params.values()]
+  assert {q.group_axis for q in qs} == set(affine.GROUP_AXES) and len({q.bits for q in qs}) >= 4
+  assert {q.zero is None for q in qs} == {True, False} and {q.perm is None for q in qs} == {True, False}
+  path = ck.save(tmp_path / "random", CONFIG, params)
+  _, restored, _ = ck.restore(path)
+  _assert_identical(params, restored)
+  _, restored, _ = ck.restore(path, target=jax.eval_shape(lambda: params))
+  _assert_identical(params, restored)
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["inner", "a", "b", "mask"],
+                   meta_fields=["rank", "note"])
+@dataclasses.dataclass(frozen=True)
+class Wrapper:
+  """Test format: ``inner.dequantize() + a @ b``, ``a`` ``(IC, rank)``, ``b`` ``(rank, OC)``; ``mask`` unused."""
+
+  inner: Any
+  a: jax.Array
+  b: jax.Array
+  mask: jax.Array | None
+  rank: int
+  note: tuple
+
+  @property
+  def shape(self):
+    return self.inner.shape
+
+  @property
+  def dtype(self):
+    return self.inner.dtype
+
+  def dequantize(self):
+    return (self.inner.dequantize().astype(jnp.float32) + self.a @ self.b).astype(self.dtype)
+
+  def linear(self, x):
+    return x @ self.dequantize().astype(x.dtype)
+
+  @property
+  def stored_bits(self):
+    own = sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in (self.a, self.b))
+    return self.inner.stored_bits + 8 * own
+
+  @property
+  def bits_per_weight(self):
+    return self.stored_bits / (self.shape[0] * self.shape[1])
+
+  def check(self):
+    if (self.a.shape, self.b.shape) != ((self.shape[0], self.rank), (self.rank, self.shape[1])):
+      raise ValueError(f"rank={self.rank} does not fit a {self.a.shape} and b {self.b.shape}")
+
+
+@pytest.fixture
+def wrapper():
+  formats.register("test-wrapper", Wrapper)
+  yield Wrapper
+  formats.FORMATS.pop("test-wrapper")
+
+
+def _wrapped():
+  rng = np.random.default_rng(3)
+  q = _random_qarray(rng)
+  ic, oc = q.shape
+
+  def wrap(inner, rank, dtype):
+    a, b = (jnp.asarray(rng.normal(size=s), dtype) for s in ((ic, rank), (rank, oc)))
+    return Wrapper(inner, a, b, None, rank, ("low", "rank"))
+
+  return {"w": {"kernel": wrap(wrap(q, 2, jnp.float32), 3, jnp.bfloat16)}, "norm": jnp.ones((oc,), jnp.float32)}
+
+
+def test_nested_wrapper_format_round_trips(wrapper, tmp_path):
+  params = _wrapped()
+  path = ck.save(tmp_path / "wrapped", None, params)
+  spec = ck.read_json(path)["tree"]["dict"]["w"]["dict"]["kernel"]["format"]
+  assert spec["name"] == "test-wrapper" and spec["data"]["mask"] is None
+  assert spec["data"]["inner"]["format"]["data"]["inner"]["format"]["name"] == "affine"
+  config, restored, _ = ck.restore(path)
+  assert config is None
+  _assert_identical(params, restored)
+  k = restored["w"]["kernel"]
+  assert type(k) is Wrapper and type(k.inner) is Wrapper and type(k.inner.inner) is QArray
+  assert k.note == ("low", "rank") and k.inner.rank == 2
+  assert np.asarray(k.dequantize()).tobytes() == np.asarray(params["w"]["kernel"].dequantize()).tobytes()
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("x",))
+  rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  _, restored, _ = ck.restore(path, target=params, shardings=jax.tree.map(lambda _: rep, params))
+  assert all(x.sharding == rep for x in jax.tree.leaves(restored))
+  target = _wrapped()
+  target["w"]["kernel"] = dataclasses.replace(target["w"]["kernel"], note=("other",))
+  with pytest.raises(CheckpointError, match=r"at w/kernel: Wrapper note is \('low', 'rank'\) in the checkpoint, "
+                                            r"\('other',\) in the target"):
+    ck.restore(path, target=target)
+
+
+def test_unregistered_format_is_refused_on_save(tmp_path):
+  with pytest.raises(CheckpointError, match="w/kernel: Wrapper is not a registered format"):
+    ck.save(tmp_path / "x", None, _wrapped())
+  assert list(tmp_path.iterdir()) == []
+
+
+def _kernel_spec(doc, *path):
+  node = doc["tree"]
+  for k in path:
+    node = node["dict"][k]
+  return node["format"]
+
+
+def test_unknown_format_name(wrapper, tmp_path):
+  path = ck.save(tmp_path / "wrapped", None, _wrapped())
+  formats.FORMATS.pop("test-wrapper")
+  with pytest.raises(CheckpointError, match=r"w/kernel: unknown format 'test-wrapper'; registered formats are "
+                                            r"\['affine'\]"):
+    ck.restore(path)
+  formats.register("test-wrapper", Wrapper)
+  _edit_json(path, lambda d: _kernel_spec(d, "w", "kernel")["data"]["inner"]["format"].update(name="nope"))
+  with pytest.raises(CheckpointError, match=r"w/kernel.inner: unknown format 'nope'; registered formats are "
+                                            r"\['affine', 'test-wrapper'\]"):
+    ck.restore(path)
+
+
+def test_format_check_method_runs_on_restore(wrapper, tmp_path):
+  path = ck.save(tmp_path / "wrapped", None, _wrapped())
+  _edit_json(path, lambda d: _kernel_spec(d, "w", "kernel")["data"]["inner"]["format"]["static"].update(rank=5))
+  with pytest.raises(CheckpointError, match=r"w/kernel.inner: saved test-wrapper format does not fit its arrays: "
+                                            r"rank=5 does not fit"):
+    ck.restore(path)
+
+
+def _edit_q(field, value):
+  def edit(doc):
+    spec = _kernel_spec(doc, "layers_0", "attn", "q_proj", "kernel")
+    if value is None:
+      del spec["static"][field]
+    else:
+      spec["static"][field] = value
+  return edit
+
+
+@pytest.mark.parametrize("edit, message", [
+    (_edit_q("bits", 3), r"packed is \(2, 32\) uint32, but bits=3, .* need \(3, 32\) uint32"),
+    (_edit_q("bits", 7), "bits=7 is not a packable code width"),
+    (_edit_q("group_size", 8), r"scale is \(2, 32\) float16, but .*group_size=8, .* need \(4, 32\) float16"),
+    (_edit_q("group_size", 5), r"scale is \(2, 32\) float16, but .*group_size=5, .* need \(7, 32\) float16"),
+    (_edit_q("group_axis", "ic"), r"scale is \(2, 32\) float16, but .*group_axis='ic'.* need \(32, 2\)"),
+    (_edit_q("shape", {"tuple": [32, 16]}), r"packed is \(2, 32\) uint32, but .*shape=\(32, 16\).* need \(2, 16\)"),
+    (_edit_q("shape", [32, 32]), r"kernel.shape: corrupt static field: unexpected static value \[32, 32\]"),
+    (_edit_q("shape", {"tuple": [32, 0]}), r"shape=\(32, 0\) is not a pair of positive ints"),
+    (_edit_q("scale_dtype", {"dtype": "bfloat16"}), r"scale is \(2, 32\) float16, but .* need \(2, 32\) bfloat16"),
+    (_edit_q("scale_dtype", {"dtype": "int8"}), "scale_dtype=.* is not a scale storage type"),
+    (_edit_q("dtype", {"dtype": "int32"}), "dtype=dtype\\('int32'\\) is not a float dtype"),
+    (_edit_q("dtype", {"dtype": "bfloat16"}), "tree description does not match its tree_sha256"),
+    (_edit_q("bits", None), "saved affine fields .* do not fit QArray"),
+])
+def test_hand_edited_format_settings_are_refused(saved, tmp_path, edit, message):
+  path = _copy(saved, tmp_path)
+  _edit_json(path, edit)
+  with pytest.raises(CheckpointError, match=message) as e:
+    ck.restore(path)
+  assert ("tree_sha256" in message) != ("layers_0/attn/q_proj/kernel" in str(e.value))
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+@dataclasses.dataclass(frozen=True)
+class ToyConfig:
+  """A non-LLaMA model config."""
+
+  width: Any
+  widths: tuple = (1, 2)
+  act: str = "gelu"
+  eps: float = 1e-6
+  dtype: Any = np.dtype(jnp.bfloat16)
+  extra: dict | None = None
+
+
+@pytest.fixture
+def registry(monkeypatch):
+  monkeypatch.setattr(ck, "CONFIGS", dict(ck.CONFIGS))
+  return ck.CONFIGS
+
+
+def test_registered_config_round_trips(registry, tmp_path):
+  assert ck.register_config(ToyConfig) is ToyConfig
+  config = ToyConfig(width=3, widths=(4, 5, 6), extra={"rope": (1.0, 2.5), "name": None})
+  path = ck.save(tmp_path / "toy", config, {"w": jnp.arange(4, dtype=jnp.float32)})
+  assert ck.read_json(path)["config"]["class"] == ck.config_name(ToyConfig)
+  restored, params, _ = ck.restore(path)
+  assert restored == config and type(restored) is ToyConfig
+  assert type(restored.widths) is tuple and type(restored.extra["rope"]) is tuple
+  assert restored.dtype == np.dtype(jnp.bfloat16)
+  assert lqx_io.load_model(path)[0] == config
+
+
+def test_unregistered_config_class(registry, tmp_path):
+  params = {"w": jnp.arange(4, dtype=jnp.float32)}
+  path = ck.save(tmp_path / "toy", ToyConfig(width=3), params)
+  name = ck.config_name(ToyConfig)
+  with pytest.raises(CheckpointError, match=f"config class '{name}' is not an allowed config class .*"
+                                            f"register_config.*build_config=False"):
+    ck.restore(path)
+  with pytest.raises(CheckpointError, match="is not an allowed config class"):
+    lqx_io.load_model(path)
+  config, restored, _ = ck.restore(path, build_config=False)
+  assert config == {"class": name, "fields": {"width": 3, "widths": (1, 2), "act": "gelu", "eps": 1e-6,
+                                              "dtype": np.dtype(jnp.bfloat16), "extra": None}}
+  _assert_identical(params, restored)
+  ck.register_config(ToyConfig)
+  assert ck.restore(path)[0] == ToyConfig(width=3)
+
+
+def test_none_and_dict_configs(tmp_path):
+  params = {"w": jnp.arange(4, dtype=jnp.float32)}
+  path = ck.save(tmp_path / "none", None, params)
+  assert ck.restore(path)[0] is None and ck.restore(path, build_config=False)[0] is None
+  path = ck.save(tmp_path / "dict", {"dim": 32, "axes": (0, 1)}, params)
+  assert ck.restore(path)[0] == {"dim": 32, "axes": (0, 1)}
+  assert ck.restore(path, build_config=False)[0] == {"class": None, "fields": {"dim": 32, "axes": (0, 1)}}
+
+
+def test_llama_config_is_stored_as_class_and_fields(saved):
+  doc = ck.read_json(saved)
+  assert doc["version"] == ck.VERSION == 2
+  assert doc["config"] == {"class": "lqx.models.llama:LlamaConfig", "fields": dataclasses.asdict(CONFIG)}
+
+
+# ----------------------------------------------------------------------------- version 1
+
+
+def _v1_tree(spec):
+  """A version-2 tree spec as version 1 wrote it (spec key "qarray", leaves as bare array specs)."""
+  if "dict" in spec:
+    return {"dict": {k: _v1_tree(v) for k, v in spec["dict"].items()}}
+  if "format" in spec:
+    f = spec["format"]
+    assert f["name"] == "affine"
+    return {"qarray": {"static": f["static"],
+                       "leaves": {n: None if s is None else s["array"] for n, s in f["data"].items()}}}
+  return spec
+
+
+def _to_v1(doc):
+  """``doc`` rewritten as the version-1 code wrote it (bare LlamaConfig fields, no digest)."""
+  return {"format": doc["format"], "version": 1, "orbax_checkpoint": doc["orbax_checkpoint"],
+          "config": doc["config"]["fields"], "metadata": doc["metadata"], "tree": _v1_tree(doc["tree"])}
+
+
+def test_version_1_checkpoint_restores(params, saved, tmp_path):
+  path = _copy(saved, tmp_path)
+  jpath = path / ck.JSON_NAME
+  jpath.write_text(json.dumps(_to_v1(json.loads(jpath.read_text())), indent=1) + "\n")
+  assert '"qarray"' in jpath.read_text()
+  config, restored, metadata = ck.restore(path)
+  assert config == CONFIG and metadata == {"recipe": "rtn", "ppl": 12.5}
+  _assert_identical(params, restored)
+  _, restored, _ = ck.restore(path, target=jax.eval_shape(lambda: params))
+  _assert_identical(params, restored)
+  assert lqx_io.load_model(path)[0] == CONFIG
+  _edit_json(path, lambda d: d["tree"]["dict"]["layers_0"]["dict"]["attn"]["dict"]["q_proj"]["dict"]["kernel"]
+             ["qarray"]["static"].update(bits=4))
+  with pytest.raises(CheckpointError, match="layers_0/attn/q_proj/kernel: saved affine format does not fit"):
+    ck.restore(path)

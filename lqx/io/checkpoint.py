@@ -1,17 +1,40 @@
-"""Orbax save/restore of a (possibly quantized) LLaMA parameter pytree.
+"""Orbax save/restore of a (possibly quantized) parameter pytree, any registered format.
 
 A checkpoint is a folder::
 
   <directory>/
-    lqx_checkpoint.json   format + version, LlamaConfig, user metadata, and the tree:
-                          nested dicts whose leaves are arrays (shape, dtype) or
-                          QArrays (static fields + shape/dtype of each leaf, null if None)
+    lqx_checkpoint.json   format + version, the model config, user metadata, and the tree
     arrays/               orbax-checkpoint PyTree (OCDBT) holding every array leaf
 
-Nothing is pickled. ``params`` are nested dicts with ``str`` keys whose leaves
-are float (or any) arrays or ``lqx.qarray.QArray`` nodes; in the orbax tree a
-QArray is a dict of its non-None array fields and dict keys are %-escaped (orbax
-joins key paths with ``.``, so ``{"a.b": x}`` and ``{"a": {"b": y}}`` would clash).
+The tree description (``"tree"``) is a node per params node::
+
+  {"dict": {key: node}}                              nested dicts, str keys
+  {"array": {"shape": [..], "dtype": "bfloat16"}}    an array leaf
+  {"format": {"name": "affine",                      a quantized kernel: its lqx.formats name,
+              "static": {"bits": 4, "shape": {"tuple": [64, 32]}, "dtype": {"dtype": "float32"}, ..},
+              "data": {"packed": {"array": ..}, "zero": null, "inner": {"format": ..}, ..}}}
+
+A format's static fields are JSON with tuples and dtypes tagged (``{"tuple": [..]}``,
+``{"dtype": ".."}``) so they decode to equal values of the same type; each data
+field is an array, ``null`` or another format (wrappers nest). Restore looks the
+class up by name in ``lqx.formats.FORMATS``, rebuilds it (on
+``jax.ShapeDtypeStruct`` leaves first, before any array is read) and validates
+it: the format's ``VALIDATORS`` entry if any, then its ``check()`` method if the
+class has one (both must read only shapes, dtypes and static fields, and raise
+``ValueError`` on a mismatch). A new format registers a validator with
+``VALIDATORS[name] = fn`` or defines ``check()``. ``tree_sha256`` (a digest of
+the tree description) catches hand edits no validator can see.
+
+``"config"`` is ``null``, or ``{"class": "module:QualName" | null, "fields": {..}}``
+(a dataclass instance, or a plain dict when ``class`` is null; fields encoded like
+static fields). Restore builds a class only from the allow-list ``CONFIGS``
+(:class:`lqx.models.llama.LlamaConfig` and what :func:`register_config` adds);
+nothing is imported by name from the file and nothing is pickled.
+
+Version 1 files (spec key ``"qarray"`` for an affine QArray, ``"config"`` the bare
+``LlamaConfig`` fields) still restore. In the orbax tree a format is a dict of its
+non-None data fields (nested formats nested dicts) and dict keys are %-escaped
+(orbax joins key paths with ``.``, so ``{"a.b": x}`` and ``{"a": {"b": y}}`` would clash).
 
 Saves are atomic: everything is written into a hidden sibling folder
 ``.<name>.lqx-tmp-<id>`` and renamed to ``<name>`` only when complete, so an
@@ -19,6 +42,9 @@ interrupted save never leaves a folder that restores. ``overwrite=True`` swaps
 the new folder in with one ``renameat2(RENAME_EXCHANGE)`` where the OS offers
 it (Linux), else with two renames (the old folder is moved aside to
 ``.<name>.lqx-old-<id>`` first and deleted only after the new one is in place).
+Orbax's own finalization (temp dir + rename) is not enough here: it covers only
+``arrays/`` (not the JSON written beside it), its ``force=True`` deletes the old
+checkpoint before writing the new one, and its temp name is not unique.
 
 Arrays come back bit for bit with their saved dtypes (uint32/uint8 codes,
 float16/bfloat16 scales, float32 weights) as ``jax.Array``, on
@@ -31,24 +57,26 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import errno
-import functools
+import hashlib
 import json
 import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 from urllib.parse import quote
 
 import jax
 import ml_dtypes  # noqa: F401  registers bfloat16 & co. with numpy, so np.dtype("bfloat16") parses
 import numpy as np
 
+from lqx import formats, packing
+from lqx.formats import affine
 from lqx.models.llama import LlamaConfig
-from lqx.qarray import QArray
 
 FORMAT = "lqx-checkpoint"
-VERSION = 1
+VERSION = 2
+READS = (1, 2)
 JSON_NAME = "lqx_checkpoint.json"
 ARRAYS_NAME = "arrays"
 TMP_MARK = ".lqx-tmp-"
@@ -57,6 +85,139 @@ OLD_MARK = ".lqx-old-"
 
 class CheckpointError(ValueError):
   """A folder is not a complete, readable lqx checkpoint, or does not match the target tree."""
+
+
+# ----------------------------------------------------------------------------- config classes
+
+CONFIGS: dict[str, type] = {}
+
+
+def config_name(cls: type) -> str:
+  """``"module:QualName"``, the name a config class is stored and looked up under."""
+  return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def register_config(cls: type) -> type:
+  """Allow :func:`restore` to build config dataclass ``cls`` (by :func:`config_name`). Returns ``cls``."""
+  if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
+    raise TypeError(f"register_config takes a dataclass type, got {cls!r}")
+  name = config_name(cls)
+  if CONFIGS.get(name, cls) is not cls:
+    raise ValueError(f"config class name {name!r} is taken by another class")
+  CONFIGS[name] = cls
+  return cls
+
+
+register_config(LlamaConfig)
+
+
+# ----------------------------------------------------------------------------- static values
+
+
+def _enc_static(v, where: str):
+  """A static value as JSON, tagging tuples, dicts and dtypes so they decode to an equal value of the same type."""
+  if v is None or isinstance(v, (bool, int, float, str)):
+    return v
+  if isinstance(v, np.integer):
+    return int(v)
+  if isinstance(v, np.floating):
+    return float(v)
+  if isinstance(v, tuple):
+    return {"tuple": [_enc_static(x, where) for x in v]}
+  if isinstance(v, dict) and all(isinstance(k, str) for k in v):
+    return {"dict": {k: _enc_static(x, f"{where}.{k}") for k, x in v.items()}}
+  if isinstance(v, np.dtype) or (isinstance(v, type) and issubclass(v, np.generic)):
+    return {"dtype": np.dtype(v).name}
+  raise CheckpointError(f"{where}: value of type {type(v).__name__} is not JSON-encodable "
+                        f"(expected None, bool, int, float, str, tuple, dict with str keys or dtype)")
+
+
+def _dec_static(v):
+  if isinstance(v, dict) and set(v) == {"tuple"}:
+    return tuple(_dec_static(x) for x in v["tuple"])
+  if isinstance(v, dict) and set(v) == {"dict"} and isinstance(v["dict"], dict):
+    return {k: _dec_static(x) for k, x in v["dict"].items()}
+  if isinstance(v, dict) and set(v) == {"dtype"}:
+    return np.dtype(v["dtype"])
+  if isinstance(v, (dict, list)):
+    raise ValueError(f"unexpected static value {v!r}")
+  return v
+
+
+def _enc_config(config) -> dict | None:
+  """``config`` (None, a plain dict or a dataclass instance) as its JSON description."""
+  if config is None:
+    return None
+  if isinstance(config, dict):
+    cls, fields = None, config
+  elif dataclasses.is_dataclass(config) and not isinstance(config, type):
+    cls = config_name(type(config))
+    fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.init}
+  else:
+    raise TypeError(f"config must be a dataclass instance, a dict or None, got {type(config).__name__}")
+  if not all(isinstance(k, str) for k in fields):
+    raise TypeError("config dict keys must be str")
+  try:
+    return {"class": cls, "fields": {k: _enc_static(v, f"config.{k}") for k, v in fields.items()}}
+  except CheckpointError as e:
+    raise TypeError(str(e)) from None
+
+
+# ----------------------------------------------------------------------------- formats
+
+
+def _format_name(node) -> str | None:
+  for name, cls in formats.FORMATS.items():
+    if type(node) is cls:
+      return name
+  return None
+
+
+def _format_fields(node) -> tuple[list[str], list[str]]:
+  """``(data, static)`` field names of a format, as registered with JAX (None data fields included)."""
+  flat, _ = jax.tree_util.tree_flatten_with_path(node, is_leaf=lambda x: x is not node)
+  data = [p[0].name for p, _ in flat]
+  static = [f.name for f in dataclasses.fields(node) if f.name not in data]
+  return data, static
+
+
+def _class_label(name: str) -> str:
+  cls = formats.FORMATS.get(name)
+  return cls.__name__ if cls is not None else f"{name!r} format"
+
+
+def _check_affine(q: affine.QArray) -> None:
+  """Raise ``ValueError`` unless the QArray's arrays have the shapes and dtypes its settings imply."""
+  packing.check_bits(q.bits)
+  shape = q.shape
+  if not (isinstance(shape, tuple) and len(shape) == 2
+          and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)):
+    raise ValueError(f"shape={shape!r} is not a pair of positive ints")
+  if not isinstance(q.group_axis, str):
+    raise ValueError(f"group_axis={q.group_axis!r} is not a str")
+  if not (isinstance(q.dtype, np.dtype) and jax.numpy.issubdtype(q.dtype, jax.numpy.floating)):
+    raise ValueError(f"dtype={q.dtype!r} is not a float dtype")
+  sd = affine.check_scale_dtype(q.scale_dtype)
+  if not isinstance(q.scale_dtype, np.dtype):
+    raise ValueError(f"scale_dtype={q.scale_dtype!r} is not a dtype")
+  g_ic, g_oc = affine.scale_shape(shape, q.group_size, q.group_axis)
+  ic, oc = shape
+  want = {"packed": ((packing.num_words(ic, q.bits, affine.CODE_WORD), oc), affine.CODE_WORD),
+          "scale": ((g_ic, g_oc), sd),
+          "zero": ((packing.num_words(g_ic, q.bits, affine.ZERO_WORD), g_oc), affine.ZERO_WORD),
+          "perm": ((ic,), np.dtype(np.int32))}
+  for name, (wshape, wdtype) in want.items():
+    x = getattr(q, name)
+    if x is None and name in ("zero", "perm"):
+      continue
+    if x is None or (tuple(x.shape), np.dtype(x.dtype)) != (wshape, wdtype):
+      got = "None" if x is None else f"{tuple(x.shape)} {np.dtype(x.dtype)}"
+      raise ValueError(f"{name} is {got}, but bits={q.bits}, group_size={q.group_size}, "
+                       f"group_axis={q.group_axis!r}, shape={shape}, scale_dtype={sd} need {wshape} {wdtype}")
+
+
+VALIDATORS: dict[str, Callable[[Any], None]] = {"affine": _check_affine}
+"""Format name -> function raising ``ValueError`` if a rebuilt format's settings do not fit its arrays."""
 
 
 # ----------------------------------------------------------------------------- tree <-> spec
@@ -80,68 +241,66 @@ def _array_spec(x) -> dict:
   return {"shape": [int(d) for d in x.shape], "dtype": np.dtype(x.dtype).name}
 
 
-def _qarray_fields(q: QArray) -> tuple[list[str], list[str]]:
-  """``(data, static)`` field names of a QArray, as registered with JAX (None data fields included)."""
-  flat, _ = jax.tree_util.tree_flatten_with_path(q, is_leaf=lambda x: x is None)
-  data = [p[0].name for p, _ in flat]
-  static = [f.name for f in dataclasses.fields(q) if f.name not in data]
-  return data, static
-
-
-def _enc_static(v, where: str):
-  """A QArray static field as JSON, tagging tuples and dtypes so they decode to the same value."""
-  if v is None or isinstance(v, (bool, int, float, str)):
-    return v
-  if isinstance(v, np.integer):
-    return int(v)
-  if isinstance(v, tuple):
-    return {"tuple": [_enc_static(x, where) for x in v]}
-  if isinstance(v, np.dtype) or (isinstance(v, type) and issubclass(v, np.generic)):
-    return {"dtype": np.dtype(v).name}
-  raise CheckpointError(f"{where}: static field of type {type(v).__name__} is not JSON-encodable "
-                        f"(expected None, bool, int, float, str, tuple or dtype)")
-
-
-def _dec_static(v):
-  if isinstance(v, dict) and set(v) == {"tuple"}:
-    return tuple(_dec_static(x) for x in v["tuple"])
-  if isinstance(v, dict) and set(v) == {"dtype"}:
-    return np.dtype(v["dtype"])
-  if isinstance(v, (dict, list)):
-    raise ValueError(f"unexpected static value {v!r}")
-  return v
+def _join(path: str, key: str) -> str:
+  return f"{path}/{key}" if path else key
 
 
 def _spec(node, path: str = "", concrete: bool = False) -> dict:
-  """JSON description of a params tree: ``{"dict": {k: spec}}``, ``{"array": ...}`` or ``{"qarray": ...}``.
+  """JSON description of a params tree (module docstring).
 
   Leaves may be arrays or, unless ``concrete``, ``jax.ShapeDtypeStruct`` (so
   ``jax.eval_shape`` trees describe targets).
   """
   where = path or "params"
-  check = functools.partial(_check_leaf, concrete=concrete)
-  if isinstance(node, QArray):
-    data, static = _qarray_fields(node)
-    leaves = {}
-    for name in data:
-      v = getattr(node, name)
-      if v is not None:
-        check(v, f"{where}.{name}")
-      leaves[name] = None if v is None else _array_spec(v)
-    return {"qarray": {"static": {k: _enc_static(getattr(node, k), f"{where}.{k}") for k in static},
-                       "leaves": leaves}}
+  name = _format_name(node)
+  if name is not None:
+    data, static = _format_fields(node)
+    out = {}
+    for field in data:
+      v = getattr(node, field)
+      if v is None:
+        out[field] = None
+      elif _format_name(v) is not None or _is_array(v):
+        out[field] = _spec(v, f"{where}.{field}", concrete)
+      else:
+        raise CheckpointError(f"{where}.{field}: data field holds a {type(v).__name__}; "
+                              f"expected an array, None or a registered format")
+    return {"format": {"name": name,
+                       "static": {k: _enc_static(getattr(node, k), f"{where}.{k}") for k in static},
+                       "data": out}}
   if isinstance(node, dict):
     out = {}
     for k, v in node.items():
       if not isinstance(k, str) or not k:
         raise CheckpointError(f"{where}: dict key {k!r} is not a non-empty str")
-      out[k] = _spec(v, f"{path}/{k}" if path else k, concrete)
+      out[k] = _spec(v, _join(path, k), concrete)
     return {"dict": out}
   if _is_array(node):
-    check(node, where)
+    _check_leaf(node, where, concrete)
     return {"array": _array_spec(node)}
+  if formats.is_quantized(node):
+    raise CheckpointError(f"{where}: {type(node).__name__} is not a registered format "
+                          f"(lqx.formats.FORMATS: {sorted(formats.FORMATS)}); register it with lqx.formats.register")
   raise CheckpointError(f"{where}: unsupported node of type {type(node).__name__}; "
-                        f"expected nested dicts of arrays and QArrays")
+                        f"expected nested dicts of arrays and registered formats")
+
+
+def _upgrade(spec: dict) -> dict:
+  """A tree spec with version-1 ``"qarray"`` nodes turned into ``"affine"`` format nodes."""
+  if "dict" in spec:
+    return {"dict": {k: _upgrade(v) for k, v in spec["dict"].items()}}
+  if "qarray" in spec:
+    q = spec["qarray"]
+    return {"format": {"name": "affine", "static": q["static"],
+                       "data": {n: None if s is None else {"array": s} for n, s in q["leaves"].items()}}}
+  if "format" in spec:
+    f = spec["format"]
+    return {"format": {**f, "data": {n: None if s is None else _upgrade(s) for n, s in f["data"].items()}}}
+  return spec
+
+
+def _digest(spec: dict) -> str:
+  return hashlib.sha256(json.dumps(spec, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def _okey(k: str) -> str:
@@ -150,44 +309,83 @@ def _okey(k: str) -> str:
 
 
 def _orbax_tree(node):
-  """The params tree as orbax saves it: QArrays become dicts of their non-None arrays."""
-  if isinstance(node, QArray):
-    data, _ = _qarray_fields(node)
-    return {n: getattr(node, n) for n in data if getattr(node, n) is not None}
-  if isinstance(node, dict):
+  """The params tree as orbax saves it: formats become dicts of their non-None data fields."""
+  if _format_name(node) is not None:
+    data, _ = _format_fields(node)
+    sub = {n: _orbax_tree(getattr(node, n)) for n in data if getattr(node, n) is not None}
+  elif isinstance(node, dict):
     sub = {_okey(k): _orbax_tree(v) for k, v in node.items()}
-    return {k: v for k, v in sub.items() if not isinstance(v, dict) or v}  # orbax keeps no empty dicts
-  return node
+  else:
+    return node
+  return {k: v for k, v in sub.items() if not isinstance(v, dict) or v}  # orbax keeps no empty dicts
 
 
 def _walk_leaves(spec: dict, path: str = ""):
   """Yield ``(path, orbax key tuple, array spec)`` for every array of a tree spec."""
   if "dict" in spec:
     for k, v in spec["dict"].items():
-      for p, ok, s in _walk_leaves(v, f"{path}/{k}" if path else k):
+      for p, ok, s in _walk_leaves(v, _join(path, k)):
         yield p, (_okey(k),) + ok, s
-  elif "qarray" in spec:
-    for name, s in spec["qarray"]["leaves"].items():
-      if s is not None:
-        yield f"{path}.{name}", (name,), s
+  elif "format" in spec:
+    for n, v in spec["format"]["data"].items():
+      if v is not None:
+        for p, ok, s in _walk_leaves(v, f"{path}.{n}"):
+          yield p, (n,) + ok, s
   else:
     yield path, (), spec["array"]
 
 
-def _build(spec: dict, arrays: dict, path: str = ""):
-  """Params from a tree spec and the restored orbax tree."""
+def _build(spec: dict, arrays: dict | None, path: str = ""):
+  """Params from a tree spec and the restored orbax tree; ``arrays=None``: on ``ShapeDtypeStruct`` leaves.
+
+  Every format is rebuilt from ``lqx.formats.FORMATS`` by name and validated
+  (module docstring); a problem raises ``CheckpointError`` naming its path.
+  """
+  where = path or "params"
   if "dict" in spec:
-    return {k: _build(v, arrays.get(_okey(k), {}), f"{path}/{k}" if path else k) for k, v in spec["dict"].items()}
-  if "qarray" in spec:
-    q = spec["qarray"]
-    fields = {k: _dec_static(v) for k, v in q["static"].items()}
-    fields.update({n: None if s is None else arrays[n] for n, s in q["leaves"].items()})
+    return {k: _build(v, None if arrays is None else arrays.get(_okey(k), {}), _join(path, k))
+            for k, v in spec["dict"].items()}
+  if "array" in spec:
+    if arrays is None:
+      a = spec["array"]
+      return jax.ShapeDtypeStruct(tuple(int(d) for d in a["shape"]), np.dtype(a["dtype"]))
+    return arrays
+  f = spec["format"]
+  name = f["name"]
+  cls = formats.FORMATS.get(name)
+  if cls is None:
+    raise CheckpointError(f"{where}: unknown format {name!r}; registered formats are {sorted(formats.FORMATS)} "
+                          f"(lqx.formats.register adds one)")
+  fields = {}
+  for k, v in f["static"].items():
     try:
-      return QArray(**fields)
-    except TypeError as e:
-      raise CheckpointError(f"{path}: saved QArray fields {sorted(fields)} do not fit lqx.qarray.QArray "
-                            f"({e}); the checkpoint was written by another lqx version") from e
-  return arrays
+      fields[k] = _dec_static(v)
+    except (TypeError, ValueError) as e:
+      raise CheckpointError(f"{where}.{k}: corrupt static field: {e}") from e
+  for n, s in f["data"].items():
+    if s is not None and not ("array" in s or "format" in s):
+      raise CheckpointError(f"{where}.{n}: data field is {next(iter(s), '{}')!r}; expected an array, a format or null")
+    fields[n] = None if s is None else _build(s, None if arrays is None else arrays.get(n, {}), f"{where}.{n}")
+  expected = {fl.name for fl in dataclasses.fields(cls) if fl.init}
+  if set(fields) != expected:
+    raise CheckpointError(f"{where}: saved {name} fields {sorted(fields)} do not fit {cls.__name__} "
+                          f"({sorted(expected)}); the checkpoint was written by another lqx version or edited")
+  try:
+    node = cls(**fields)
+    data, _ = _format_fields(node)
+  except (TypeError, ValueError) as e:
+    raise CheckpointError(f"{where}: cannot rebuild {cls.__name__} from the saved fields: {e}") from e
+  if set(data) != set(f["data"]):
+    raise CheckpointError(f"{where}: saved data fields {sorted(f['data'])} are not {cls.__name__}'s {sorted(data)}")
+  validator, method = VALIDATORS.get(name), getattr(node, "check", None)
+  try:
+    if validator is not None:
+      validator(node)
+    if callable(method):
+      method()
+  except (TypeError, ValueError, AssertionError) as e:
+    raise CheckpointError(f"{where}: saved {name} format does not fit its arrays: {e}") from e
+  return node
 
 
 def _describe(spec: dict | None) -> str:
@@ -195,22 +393,23 @@ def _describe(spec: dict | None) -> str:
     return "None"
   if "dict" in spec:
     return "a dict"
-  if "qarray" in spec:
-    return "a QArray"
+  if "format" in spec:
+    return f"a {_class_label(spec['format']['name'])}"
   a = spec["array"]
   return f"an array {tuple(a['shape'])} {a['dtype']}"
 
 
-def first_mismatch(saved: dict, target: dict, path: str = "") -> str | None:
+def first_mismatch(saved: dict | None, target: dict | None, path: str = "") -> str | None:
   """``"<path>: <what differs>"`` for the first difference of two tree specs, or None if equal."""
   where = path or "params"
-  kind_s, kind_t = next(iter(saved)), next(iter(target))
-  if kind_s != kind_t:
-    return f"{where}: checkpoint has {_describe(saved)}, target has {_describe(target)}"
+  kind_s = None if saved is None else next(iter(saved))
+  kind_t = None if target is None else next(iter(target))
+  if kind_s != kind_t or kind_s is None:
+    return None if kind_s == kind_t else f"{where}: checkpoint has {_describe(saved)}, target has {_describe(target)}"
   s, t = saved[kind_s], target[kind_t]
   if kind_s == "dict":
     for k in list(s) + [k for k in t if k not in s]:
-      p = f"{path}/{k}" if path else k
+      p = _join(path, k)
       if k not in t:
         return f"{p}: in the checkpoint but not in the target"
       if k not in s:
@@ -223,16 +422,17 @@ def first_mismatch(saved: dict, target: dict, path: str = "") -> str | None:
     if s != t:
       return f"{where}: checkpoint has {_describe(saved)}, target has {_describe(target)}"
     return None
+  if s["name"] != t["name"]:
+    return f"{where}: checkpoint has {_describe(saved)}, target has {_describe(target)}"
+  label = _class_label(s["name"])
   for k in list(s["static"]) + [k for k in t["static"] if k not in s["static"]]:
     a, b = s["static"].get(k, "<missing>"), t["static"].get(k, "<missing>")
     if a != b:
-      return f"{where}: QArray {k} is {_dec_static(a)!r} in the checkpoint, {_dec_static(b)!r} in the target"
-  for k in list(s["leaves"]) + [k for k in t["leaves"] if k not in s["leaves"]]:
-    a, b = s["leaves"].get(k), t["leaves"].get(k)
-    if a != b:
-      da = _describe(None if a is None else {"array": a})
-      db = _describe(None if b is None else {"array": b})
-      return f"{where}.{k}: checkpoint has {da}, target has {db}"
+      return f"{where}: {label} {k} is {_dec_static(a)!r} in the checkpoint, {_dec_static(b)!r} in the target"
+  for k in list(s["data"]) + [k for k in t["data"] if k not in s["data"]]:
+    m = first_mismatch(s["data"].get(k), t["data"].get(k), f"{where}.{k}")
+    if m:
+      return m
   return None
 
 
@@ -322,18 +522,21 @@ def is_checkpoint(path: str | Path) -> bool:
 # ----------------------------------------------------------------------------- save
 
 
-def save(directory: str | Path, config: LlamaConfig, params, *, metadata: dict | None = None,
+def save(directory: str | Path, config, params, *, metadata: dict | None = None,
          overwrite: bool = False) -> Path:
   """Save ``(config, params, metadata)`` to the folder ``directory``, atomically; returns its path.
 
-  ``params``: nested dicts (str keys) of arrays and QArrays. ``metadata``: a
-  JSON-serializable dict (it comes back through JSON: tuples become lists).
-  Raises ``FileExistsError`` if ``directory`` exists, unless ``overwrite=True``
-  and it is an lqx checkpoint (or an empty folder), which is then replaced.
+  ``config``: a dataclass instance (stored as class name + fields; restore builds
+  it only if its class is in ``CONFIGS``, see :func:`register_config`), a plain
+  dict or None; fields must be JSON-encodable (None, bool, int, float, str,
+  tuple, dict, dtype). ``params``: nested dicts (str keys) of arrays and
+  registered formats (``lqx.formats.FORMATS``). ``metadata``: a JSON-serializable
+  dict (it comes back through JSON: tuples become lists). Raises
+  ``FileExistsError`` if ``directory`` exists, unless ``overwrite=True`` and it
+  is an lqx checkpoint (or an empty folder), which is then replaced.
   """
   dest = Path(directory).expanduser().absolute()
-  if not isinstance(config, LlamaConfig):
-    raise TypeError(f"config must be a LlamaConfig, got {type(config).__name__}")
+  config_doc = _enc_config(config)
   if metadata is None:
     metadata = {}
   if not isinstance(metadata, dict):
@@ -354,7 +557,7 @@ def save(directory: str | Path, config: LlamaConfig, params, *, metadata: dict |
   import orbax.checkpoint as ocp
 
   doc = {"format": FORMAT, "version": VERSION, "orbax_checkpoint": ocp.__version__,
-         "config": dataclasses.asdict(config), "metadata": metadata, "tree": spec}
+         "config": config_doc, "metadata": metadata, "tree_sha256": _digest(spec), "tree": spec}
   dest.parent.mkdir(parents=True, exist_ok=True)
   tmp = _tmp_sibling(dest, TMP_MARK)
   tmp.mkdir()
@@ -381,7 +584,7 @@ def save(directory: str | Path, config: LlamaConfig, params, *, metadata: dict |
 
 
 def read_json(directory: str | Path) -> dict:
-  """The validated ``lqx_checkpoint.json`` of a checkpoint folder; raises ``CheckpointError`` otherwise."""
+  """The validated ``lqx_checkpoint.json`` of a checkpoint folder, as on disk; raises ``CheckpointError`` otherwise."""
   path = Path(directory).expanduser().absolute()
   if TMP_MARK in path.name:
     raise CheckpointError(f"{path}: temporary folder of an lqx save that did not complete (or was not "
@@ -400,12 +603,46 @@ def read_json(directory: str | Path) -> dict:
   if not isinstance(doc, dict) or doc.get("format") != FORMAT:
     raise CheckpointError(f"{jpath}: corrupt, not an lqx checkpoint description (format != {FORMAT!r})")
   version = doc.get("version")
-  if version != VERSION:
-    raise CheckpointError(f"{jpath}: checkpoint format version {version!r}; this lqx reads version {VERSION}")
-  for key, typ in (("config", dict), ("metadata", dict), ("tree", dict)):
+  if version not in READS:
+    raise CheckpointError(f"{jpath}: checkpoint format version {version!r}; this lqx reads versions "
+                          f"{', '.join(map(str, READS))}")
+  for key, typ in (("metadata", dict), ("tree", dict)):
     if not isinstance(doc.get(key), typ):
       raise CheckpointError(f"{jpath}: corrupt, {key!r} is missing or not a {typ.__name__}")
+  c = doc.get("config", "<missing>")
+  ok = isinstance(c, dict) if version == 1 else c is None or (
+      isinstance(c, dict) and set(c) == {"class", "fields"} and isinstance(c["fields"], dict)
+      and (c["class"] is None or isinstance(c["class"], str)))
+  if not ok:
+    raise CheckpointError(f"{jpath}: corrupt, 'config' is missing or not a config description")
   return doc
+
+
+def _config(doc: dict, jpath: Path, build: bool):
+  """The checkpoint's config: built from ``CONFIGS`` if ``build``, else its description with decoded fields."""
+  c = doc["config"]
+  if doc["version"] == 1:
+    c = {"class": config_name(LlamaConfig), "fields": c}
+  if c is None:
+    return None
+  try:
+    fields = {k: _dec_static(v) for k, v in c["fields"].items()}
+  except (TypeError, ValueError) as e:
+    raise CheckpointError(f"{jpath}: corrupt config: {e}") from e
+  name = c["class"]
+  if not build:
+    return {"class": name, "fields": fields}
+  if name is None:
+    return fields
+  cls = CONFIGS.get(name)
+  if cls is None:
+    raise CheckpointError(f"{jpath}: config class {name!r} is not an allowed config class ({sorted(CONFIGS)}); "
+                          f"register it with lqx.io.checkpoint.register_config(cls) before restoring, or pass "
+                          f"build_config=False to restore with the config as {{'class': .., 'fields': ..}}")
+  try:
+    return cls(**fields)
+  except (TypeError, ValueError) as e:
+    raise CheckpointError(f"{jpath}: corrupt config: {e}") from e
 
 
 def _shardings_for(shardings, spec: dict, default):
@@ -422,15 +659,14 @@ def _shardings_for(shardings, spec: dict, default):
       if not isinstance(sh, dict):
         raise CheckpointError(f"{where}: shardings has a {type(sh).__name__}, expected a dict or a Sharding")
       for k, v in sp["dict"].items():
-        p = f"{path}/{k}" if path else k
+        p = _join(path, k)
         if k not in sh:
           raise CheckpointError(f"{p}: missing from shardings")
         walk(sh[k], v, p)
-    elif "qarray" in sp:
-      for name, s in sp["qarray"]["leaves"].items():
-        if s is not None:
-          v = getattr(sh, name, None)
-          out[f"{path}.{name}"] = default if v is None else v
+    elif "format" in sp:
+      for name, v in sp["format"]["data"].items():
+        if v is not None:
+          walk(getattr(sh, name, None), v, f"{path}.{name}")
     else:
       raise CheckpointError(f"{where}: shardings has a {type(sh).__name__} at an array, expected a Sharding")
 
@@ -447,41 +683,41 @@ def _set(tree: dict, keys: tuple, value) -> None:
   tree[keys[-1]] = value
 
 
-class _Anything(dict):
-  """Stands in for the restored orbax tree when only the tree description is checked."""
-
-  def __getitem__(self, key):
-    return self
-
-  def get(self, key, default=None):
-    return self
+def _check_digest(doc: dict, jpath: Path) -> None:
+  if "tree_sha256" in doc and doc["tree_sha256"] != _digest(doc["tree"]):
+    raise CheckpointError(f"{jpath}: the tree description does not match its tree_sha256 (edited by hand?); "
+                          f"refusing to restore arrays under settings they were not saved with")
 
 
-def restore(directory: str | Path, target=None, *, shardings=None) -> tuple[LlamaConfig, Any, dict]:
+def restore(directory: str | Path, target=None, *, shardings=None,
+            build_config: bool = True) -> tuple[Any, Any, dict]:
   """``(config, params, metadata)`` from a checkpoint folder written by :func:`save`.
 
-  ``target``: optional tree like params (arrays, ``ShapeDtypeStruct``s, QArrays of
-  either); if its structure, shapes, dtypes or QArray static fields differ from
+  ``config`` is rebuilt only from an allowed class (``CONFIGS``, see
+  :func:`register_config`), else ``CheckpointError``; a dict config comes back
+  as a dict. ``build_config=False`` never builds it: ``config`` is then
+  ``{"class": "module:QualName" | None, "fields": {...}}`` (or None).
+  ``target``: optional tree like params (arrays, ``ShapeDtypeStruct``s, formats of
+  either); if its structure, shapes, dtypes or format static fields differ from
   the checkpoint, raises ``CheckpointError`` naming the first mismatching path.
   ``shardings``: None (all on ``jax.devices()[0]``), one ``Sharding`` for every
   array, or a tree like params (a Sharding may stand for a whole subtree; a
-  QArray node holds one per field, e.g. ``jax.tree.map(lambda _: s, params)``).
+  format node holds one per data field, e.g. ``jax.tree.map(lambda _: s, params)``).
   """
   import orbax.checkpoint as ocp
 
   path = Path(directory).expanduser().absolute()
   doc = read_json(path)
   jpath = path / JSON_NAME
+  config = _config(doc, jpath, build_config)
   try:
-    config = LlamaConfig(**doc["config"])
-  except (TypeError, ValueError) as e:
-    raise CheckpointError(f"{jpath}: corrupt config: {e}") from e
-  spec = doc["tree"]
-  try:
+    spec = _upgrade(doc["tree"])
     leaves = list(_walk_leaves(spec))
     dtypes = {p: np.dtype(s["dtype"]) for p, _, s in leaves}
-    _build(spec, _Anything())  # decodes every QArray's static fields
-  except (KeyError, TypeError, AttributeError, ValueError) as e:
+    _build(spec, None)
+  except CheckpointError:
+    raise
+  except (KeyError, TypeError, AttributeError, ValueError, StopIteration) as e:
     raise CheckpointError(f"{jpath}: corrupt tree description: {e!r}") from e
   if target is not None:
     m = first_mismatch(spec, _spec(target))
@@ -491,6 +727,7 @@ def restore(directory: str | Path, target=None, *, shardings=None) -> tuple[Llam
   if not apath.is_dir():
     raise CheckpointError(f"{path}: incomplete checkpoint, {ARRAYS_NAME}/ folder is missing")
   if not leaves:
+    _check_digest(doc, jpath)
     return config, _build(spec, {}), doc["metadata"]
   ck = ocp.PyTreeCheckpointer()
   try:
@@ -513,6 +750,7 @@ def restore(directory: str | Path, target=None, *, shardings=None) -> tuple[Llam
                             f"but {on_disk[0]} {on_disk[1]} in {ARRAYS_NAME}/")
     _set(item, okeys, jax.ShapeDtypeStruct(on_disk[0], on_disk[1], sharding=shard[p]))
     _set(args, okeys, ocp.ArrayRestoreArgs(sharding=shard[p], global_shape=on_disk[0], dtype=on_disk[1]))
+  _check_digest(doc, jpath)
   try:
     arrays = ck.restore(apath, args=ocp.args.PyTreeRestore(item=item, restore_args=args))
   except Exception as e:
@@ -520,4 +758,5 @@ def restore(directory: str | Path, target=None, *, shardings=None) -> tuple[Llam
   return config, _build(spec, arrays), doc["metadata"]
 
 
-__all__ = ["CheckpointError", "save", "restore", "read_json", "is_checkpoint", "first_mismatch"]
+__all__ = ["CheckpointError", "CONFIGS", "VALIDATORS", "save", "restore", "read_json", "is_checkpoint",
+           "first_mismatch", "register_config", "config_name"]
