@@ -162,7 +162,9 @@ def test_restore_sharded_over_8_devices(tmp_path):
       params = {{"w": w, "q": q}}
       ck.save({str(tmp_path / "sharded")!r}, CONFIG, params)
       shardings = jax.tree.map(lambda a: a.sharding, params)
-      _, out, _ = ck.restore({str(tmp_path / "sharded")!r}, shardings=shardings)
+      saved = ck.read_json({str(tmp_path / "sharded")!r})["tree"]["dict"]["w"]["array"]["sha256"]
+      assert saved == ck.array_sha256(np.asarray(w)) == ck.array_sha256(w)  # independent of the sharding
+      _, out, _ = ck.restore({str(tmp_path / "sharded")!r}, shardings=shardings)  # verified, 8 shards each
       for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(out)):
         assert b.sharding == a.sharding and len(b.addressable_shards) == 8, b.sharding
         assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
@@ -393,7 +395,7 @@ def _set_shape(doc):
 
 @pytest.mark.parametrize("damage, message", [
     (lambda p: (p / ck.JSON_NAME).write_text((p / ck.JSON_NAME).read_text()[:200]), "corrupt, not valid JSON"),
-    (lambda p: _edit_json(p, lambda d: d.update(version=3)), "format version 3; this lqx reads versions 1, 2"),
+    (lambda p: _edit_json(p, lambda d: d.update(version=4)), "format version 4; this lqx reads versions 1, 2, 3"),
     (lambda p: _edit_json(p, lambda d: d.update(format="other")), "corrupt, not an lqx checkpoint description"),
     (lambda p: _edit_json(p, lambda d: d.pop("tree")), "corrupt, 'tree' is missing"),
     (lambda p: _edit_json(p, lambda d: d["config"]["fields"].update(dim=-1)), "corrupt config: LlamaConfig.dim"),
@@ -667,7 +669,7 @@ def test_none_and_dict_configs(tmp_path):
 
 def test_llama_config_is_stored_as_class_and_fields(saved):
   doc = ck.read_json(saved)
-  assert doc["version"] == ck.VERSION == 2
+  assert doc["version"] == ck.VERSION == 3
   assert doc["config"] == {"class": "lqx.models.llama:LlamaConfig", "fields": dataclasses.asdict(CONFIG)}
 
 
@@ -682,8 +684,13 @@ def _v1_tree(spec):
     f = spec["format"]
     assert f["name"] == "affine"
     return {"qarray": {"static": f["static"],
-                       "leaves": {n: None if s is None else s["array"] for n, s in f["data"].items()}}}
-  return spec
+                       "leaves": {n: None if s is None else _no_sha(s)["array"] for n, s in f["data"].items()}}}
+  return _no_sha(spec)
+
+
+def _no_sha(spec):
+  """An array node without its sha256 (as versions 1 and 2 wrote it)."""
+  return {"array": {k: v for k, v in spec["array"].items() if k != "sha256"}} if "array" in spec else spec
 
 
 def _to_v1(doc):
@@ -696,14 +703,311 @@ def test_version_1_checkpoint_restores(params, saved, tmp_path):
   path = _copy(saved, tmp_path)
   jpath = path / ck.JSON_NAME
   jpath.write_text(json.dumps(_to_v1(json.loads(jpath.read_text())), indent=1) + "\n")
-  assert '"qarray"' in jpath.read_text()
-  config, restored, metadata = ck.restore(path)
+  assert '"qarray"' in jpath.read_text() and '"sha256"' not in jpath.read_text()
+  with pytest.warns(UserWarning, match="arrays have no saved sha256 .* restored without verification"):
+    config, restored, metadata = ck.restore(path)
   assert config == CONFIG and metadata == {"recipe": "rtn", "ppl": 12.5}
   _assert_identical(params, restored)
-  _, restored, _ = ck.restore(path, target=jax.eval_shape(lambda: params))
+  _, restored, _ = ck.restore(path, target=jax.eval_shape(lambda: params), verify=False)
   _assert_identical(params, restored)
-  assert lqx_io.load_model(path)[0] == CONFIG
+  with pytest.warns(UserWarning, match="no saved sha256"):
+    assert lqx_io.load_model(path)[0] == CONFIG
   _edit_json(path, lambda d: d["tree"]["dict"]["layers_0"]["dict"]["attn"]["dict"]["q_proj"]["dict"]["kernel"]
              ["qarray"]["static"].update(bits=4))
   with pytest.raises(CheckpointError, match="layers_0/attn/q_proj/kernel: saved affine format does not fit"):
     ck.restore(path)
+
+
+def _to_v2(doc):
+  """``doc`` as version 2 wrote it: no array sha256s, no config_sha256, no file list."""
+  tree = json.loads(json.dumps(doc["tree"]), object_hook=lambda d: _no_sha({"array": d})["array"]
+                    if set(d) == {"shape", "dtype", "sha256"} else d)
+  out = {k: v for k, v in doc.items() if k not in ("config_sha256", "files")}
+  return {**out, "version": 2, "tree": tree, "tree_sha256": ck._digest(tree)}
+
+
+def test_version_2_checkpoint_restores_unverified(params, saved, tmp_path):
+  path = _copy(saved, tmp_path)
+  _edit_json(path, lambda d: d.update(_to_v2(d)))
+  assert '"sha256"' not in (path / ck.JSON_NAME).read_text()
+  with pytest.warns(UserWarning, match=r"\d+ arrays have no saved sha256 .*version 3.*embed/embedding"):
+    config, restored, _ = ck.restore(path)
+  assert config == CONFIG
+  _assert_identical(params, restored)
+
+
+# ----------------------------------------------------------------------------- checksums
+
+
+def _data_files(path):
+  """The array data files under ``arrays/``, largest first."""
+  files = [os.path.join(r, f) for r, _, fs in os.walk(path / ck.ARRAYS_NAME) for f in fs
+           if os.path.basename(r) == "d"]
+  return sorted(files, key=os.path.getsize, reverse=True)
+
+
+def _flip(file, offset, mask=0x5A):
+  with open(file, "r+b") as f:
+    f.seek(offset)
+    b = f.read(1)[0]
+    f.seek(offset)
+    f.write(bytes([b ^ mask]))
+
+
+def test_array_sha256_is_canonical():
+  x = np.arange(12, dtype=np.float32).reshape(3, 4)
+  h = ck.array_sha256(x)
+  assert h == ck.array_sha256(jnp.asarray(x)) == ck.array_sha256(np.asfortranarray(x))
+  assert h == ck.array_sha256(x.astype(">f4"))  # big-endian bytes hash as little-endian
+  assert h != ck.array_sha256(x.reshape(4, 3)) and h != ck.array_sha256(x.view(np.int32))
+  assert ck.array_sha256(jnp.zeros((2, 0), jnp.bfloat16)) != ck.array_sha256(jnp.zeros((0, 2), jnp.bfloat16))
+  assert ck.array_sha256(np.zeros(0, np.uint8)) == __import__("hashlib").sha256(b"uint8 0\n").hexdigest()
+
+
+def test_saved_sha256_matches_the_arrays(params, saved):
+  spec = ck.read_json(saved)["tree"]
+  assert spec["dict"]["embed"]["dict"]["embedding"]["array"]["sha256"] == ck.array_sha256(params["embed"]["embedding"])
+  q = params["layers_0"]["attn"]["q_proj"]["kernel"]
+  got = _kernel_spec({"tree": spec}, "layers_0", "attn", "q_proj", "kernel")["data"]["packed"]["array"]["sha256"]
+  assert got == ck.array_sha256(q.packed)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # orbax: failed reads
+def test_byte_flips_in_array_data_never_restore_changed_weights(params, saved, tmp_path):
+  """The tester's case: flips inside arrays/ data restored changed weights; now they are a CheckpointError."""
+  rng = np.random.default_rng(4)
+  outcomes = {"error": 0, "sha256": 0, "exact": 0, "changed_unverified": 0}
+  for i in range(24):
+    path = shutil.copytree(saved, tmp_path / f"c{i}")
+    files = _data_files(path)
+    file = files[0] if i % 2 else files[int(rng.integers(len(files)))]
+    _flip(file, int(rng.integers(os.path.getsize(file))), int(rng.integers(1, 256)))
+    try:
+      _, restored, _ = ck.restore(path)
+      _assert_identical(params, restored)
+      outcomes["exact"] += 1
+      continue
+    except CheckpointError as e:
+      outcomes["error"] += 1
+      if "does not match the sha256 saved for it" in str(e):
+        outcomes["sha256"] += 1
+        assert str(e).startswith(f"{path}: corrupt, array ")
+    try:  # what restore did before checksums
+      _, restored, _ = ck.restore(path, verify=False)
+      _assert_identical(params, restored)
+    except CheckpointError:
+      pass
+    except AssertionError:
+      outcomes["changed_unverified"] += 1
+  assert outcomes["error"] + outcomes["exact"] == 24, outcomes
+  assert outcomes["sha256"] >= 3 and outcomes["changed_unverified"] >= 3, outcomes
+
+
+def _edit_sha(leaf_path, value):
+  """Set one array's saved sha256 and re-sign the tree, as damage the digests cannot see would."""
+  def edit(doc):
+    node = doc["tree"]
+    for k in leaf_path[:-1]:
+      node = node["dict"][k]
+    node = node["format"]["data"][leaf_path[-1]] if "format" in node else node["dict"][leaf_path[-1]]
+    node["array"]["sha256"] = value
+    doc["tree_sha256"] = ck._digest(doc["tree"])
+  return edit
+
+
+def test_sha256_mismatch_names_the_array(params, saved, tmp_path):
+  path = _copy(saved, tmp_path)
+  _edit_json(path, _edit_sha(("layers_0", "attn", "q_proj", "kernel", "scale"), "0" * 64))
+  with pytest.raises(CheckpointError, match=r"corrupt, array layers_0/attn/q_proj/kernel.scale does not match "
+                                            r"the sha256 saved for it in lqx_checkpoint.json"):
+    ck.restore(path)
+  _, restored, _ = ck.restore(path, verify=False)  # verification off: trusts the bytes
+  _assert_identical(params, restored)
+  _edit_json(path, _edit_sha(("embed", "embedding"), "xyz"))
+  with pytest.raises(CheckpointError, match=r"embed/embedding: corrupt array description .*sha256"):
+    ck.restore(path, verify=False)
+
+
+def test_sha256_verified_under_shardings(params, saved, tmp_path):
+  path = _copy(saved, tmp_path)
+  _edit_json(path, _edit_sha(("final_norm", "scale"), "0" * 64))
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("x",))
+  rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  with pytest.raises(CheckpointError, match="array final_norm/scale does not match the sha256"):
+    ck.restore(path, shardings=rep)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda p: _flip(_data_files(p)[0], 0, 0xFF) or _truncate(_data_files(p)[0]),
+     r"corrupt, arrays/ocdbt.process_0/d/\w+ is \d+ bytes, lqx_checkpoint.json says \d+ \(truncated"),
+    (lambda p: os.unlink(_data_files(p)[-1]), r"incomplete checkpoint, arrays/.*/d/\w+ is missing"),
+    (lambda p: _edit_json(p, lambda d: d.update(files={"../x": 1})), r"'files' lists '../x', not a path under arrays/"),
+    (lambda p: _edit_json(p, lambda d: d.pop("files")), r"'files' is missing or not a \{path: size\} dict"),
+    (lambda p: _edit_json(p, lambda d: d.pop("tree_sha256")), "'tree_sha256' is missing or not a sha256"),
+    (lambda p: _edit_json(p, lambda d: d.update(config_sha256=1)), "'config_sha256' is missing or not a sha256"),
+    (lambda p: _edit_json(p, lambda d: d["config"]["fields"].update(rope_theta=1e4)),
+     "the config does not match its config_sha256"),
+    (lambda p: _edit_json(p, lambda d: d.update(version=3.0)), "checkpoint format version 3.0"),
+    (lambda p: _edit_json(p, lambda d: d.update(version=True)), "checkpoint format version True"),
+])
+def test_damaged_files_and_digests(saved, tmp_path, damage, message):
+  path = _copy(saved, tmp_path)
+  damage(path)
+  with pytest.raises(CheckpointError, match=message):
+    ck.restore(path)
+
+
+def _truncate(file):
+  os.truncate(file, os.path.getsize(file) // 2)
+
+
+def test_hand_edited_group_size_that_fits_the_arrays_is_refused(params, saved, tmp_path):
+  """group_size 16 -> 20 keeps every array shape (2 groups of 32 rows) but would shift the logits."""
+  path = _copy(saved, tmp_path)
+  _edit_json(path, _edit_q("group_size", 20))
+  with pytest.raises(CheckpointError, match="tree description does not match its tree_sha256"):
+    ck.restore(path)
+  doc = json.loads((path / ck.JSON_NAME).read_text())  # re-signed: restores, with other weights
+  doc["tree_sha256"] = ck._digest(doc["tree"])
+  (path / ck.JSON_NAME).write_text(json.dumps(doc))
+  _, restored, _ = ck.restore(path)
+  a, b = (t["layers_0"]["attn"]["q_proj"]["kernel"] for t in (params, restored))
+  assert b.group_size == 20 and not np.array_equal(a.dequantize(), b.dequantize())
+
+
+# ----------------------------------------------------------------------------- overwrite: only lqx's files
+
+
+@pytest.mark.parametrize("extra", ["notes.txt", "arrays/notes.txt", "arrays/d/mine", "empty_dir/"])
+def test_overwrite_refuses_a_checkpoint_holding_user_files(params, saved, tmp_path, extra):
+  path = _copy(saved, tmp_path)
+  if extra.endswith("/"):
+    (path / extra).mkdir()
+  else:
+    (path / extra).write_text("mine")
+  with pytest.raises(FileExistsError, match=f"holds {extra.rstrip('/')}, which lqx did not write; refusing"):
+    ck.save(path, CONFIG, {"w": jnp.zeros(3)}, overwrite=True)
+  assert extra.endswith("/") or (path / extra).read_text() == "mine"
+  _assert_identical(params, ck.restore(path)[1])
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["copy"]
+
+
+def test_overwrite_refuses_a_foreign_marker(params, tmp_path):
+  for text in ('{"hello": 1}', "not json"):
+    other = tmp_path / "other"
+    other.mkdir(exist_ok=True)
+    (other / ck.JSON_NAME).write_text(text)
+    with pytest.raises(FileExistsError, match=r"not an lqx checkpoint folder \(no readable lqx_checkpoint.json\)"):
+      ck.save(other, CONFIG, params, overwrite=True)
+    assert (other / ck.JSON_NAME).read_text() == text
+  link = tmp_path / "link"
+  link.symlink_to(ck.save(tmp_path / "real", CONFIG, {"w": jnp.zeros(3)}))
+  with pytest.raises(FileExistsError, match="exists and is not a folder"):
+    ck.save(link, CONFIG, params, overwrite=True)
+
+
+def test_overwrite_replaces_an_empty_folder(tmp_path):
+  (tmp_path / "empty").mkdir()
+  ck.save(tmp_path / "empty", None, {"w": jnp.ones(3)}, overwrite=True)
+  assert ck.restore(tmp_path / "empty")[1]["w"].tolist() == [1, 1, 1]
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "two-renames"])
+def test_overwrite_keeps_a_file_added_during_the_save(saved, tmp_path, monkeypatch, exchange):
+  """A user file that appears after the checks survives; the old folder stays (with a warning) to hold it."""
+  path = _copy(saved, tmp_path)
+  real = ck._exchange
+
+  def exchange_late(a, b):
+    (path / "late.txt").write_text("mine")
+    return real(a, b) if exchange else False
+
+  monkeypatch.setattr(ck, "_exchange", exchange_late)
+  with pytest.warns(UserWarning, match="left in place, it holds files lqx did not write"):
+    ck.save(path, CONFIG, {"w": jnp.zeros(3)}, overwrite=True)
+  assert ck.restore(path)[1]["w"].shape == (3,)
+  (kept,) = (p for p in tmp_path.iterdir() if p.name != "copy")
+  assert sorted(os.listdir(kept)) == ["late.txt"] and (kept / "late.txt").read_text() == "mine"
+
+
+# ----------------------------------------------------------------------------- leftovers of interrupted saves
+
+
+def _killed_save(dest):
+  """Run a save of a 4 MB tree in a subprocess that SIGKILLs itself once the arrays are written."""
+  script = textwrap.dedent(f"""
+      import os, signal, jax.numpy as jnp, numpy as np
+      from lqx.io import checkpoint as ck
+      real = ck._save_arrays
+      def save_arrays(path, tree):
+        real(path, tree)
+        os.kill(os.getpid(), signal.SIGKILL)
+      ck._save_arrays = save_arrays
+      ck.save({str(dest)!r}, None, {{"w": jnp.asarray(np.random.default_rng(0).normal(size=(1024, 1024)), jnp.float32), "b": jnp.zeros(3)}})
+  """)
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  out = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, timeout=120)
+  assert out.returncode == -9, out.stderr[-3000:]
+
+
+def test_next_save_removes_what_a_killed_save_left(params, tmp_path):
+  dest = tmp_path / "model"
+  _killed_save(dest)
+  (tmp,) = tmp_path.iterdir()
+  assert tmp.name.startswith(".model" + ck.TMP_MARK) and (tmp / ck.SAVE_MARK).is_file()
+  assert _du(tmp) > 4 * 2**20 * 0.9  # a full copy of the arrays: what used to pile up
+  assert not dest.exists()
+  with pytest.raises(CheckpointError, match="leftover of an interrupted save"):
+    ck.restore(dest)
+  other = tmp_path / f".other{ck.TMP_MARK}0123"  # another destination's leftover: not ours to judge
+  shutil.copytree(tmp, other)
+  ck.save(dest, CONFIG, params)
+  assert sorted(p.name for p in tmp_path.iterdir()) == [other.name, "model"]
+  _assert_identical(params, ck.restore(dest)[1])
+
+
+def _fake_tmp(tmp_path, name, marker):
+  p = tmp_path / f".model{ck.TMP_MARK}{name}"
+  (p / ck.ARRAYS_NAME).mkdir(parents=True)
+  (p / ck.ARRAYS_NAME / "x").write_bytes(b"0" * 100)
+  if marker is not None:
+    (p / ck.SAVE_MARK).write_text(json.dumps(marker) if isinstance(marker, dict) else marker)
+  return p
+
+
+def test_leftovers_that_may_be_live_or_foreign_are_reported_not_removed(tmp_path):
+  import socket
+
+  here = socket.gethostname()
+  kept = [_fake_tmp(tmp_path, "live", {"pid": os.getpid(), "host": here, "dest": "model"}),
+          _fake_tmp(tmp_path, "remote", {"pid": 1, "host": here + "-other", "dest": "model"}),
+          _fake_tmp(tmp_path, "nomark", None),
+          _fake_tmp(tmp_path, "badmark", "{"),
+          _fake_tmp(tmp_path, "pid0", {"pid": 0, "host": here, "dest": "model"})]
+  dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+  gone = _fake_tmp(tmp_path, "dead", {"pid": int(dead.stdout), "host": here, "dest": "model"})
+  with pytest.warns(UserWarning) as record:
+    ck.save(tmp_path / "model", None, {"w": jnp.zeros(3)})
+  messages = "\n".join(str(w.message) for w in record)
+  assert "process %d that writes it is alive" % os.getpid() in messages
+  assert "may still run" in messages and "not recognised" in messages and "marker is unreadable" in messages
+  assert all(p.is_dir() for p in kept) and not gone.exists()
+
+
+def test_killed_overwrite_leftovers(params, saved, tmp_path):
+  """An old checkpoint moved aside: removed once the new one is in place, kept while it is the only copy."""
+  dest = tmp_path / "model"
+  old = tmp_path / f".model{ck.OLD_MARK}abc"
+  shutil.copytree(saved, old)  # killed between the two renames: no model/, the old one aside
+  with pytest.warns(UserWarning, match="holds the previous checkpoint of model .*rename it back"):
+    ck.save(dest, None, {"w": jnp.zeros(3)})
+  assert old.is_dir()
+  shutil.copytree(saved, tmp_path / f".model{ck.TMP_MARK}done")  # killed just before the final rename
+  (old / "mine.txt").write_text("mine")
+  with pytest.warns(UserWarning, match=r"\.model\.lqx-old-abc: leftover .* not recognised"):
+    ck.save(dest, CONFIG, params, overwrite=True)
+  assert sorted(p.name for p in tmp_path.iterdir()) == [old.name, "model"]
+  (old / "mine.txt").unlink()
+  ck.save(dest, CONFIG, params, overwrite=True)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]

@@ -3,13 +3,14 @@
 A checkpoint is a folder::
 
   <directory>/
-    lqx_checkpoint.json   format + version, the model config, user metadata, and the tree
+    lqx_checkpoint.json   format + version, the model config, user metadata, the tree, checksums
     arrays/               orbax-checkpoint PyTree (OCDBT) holding every array leaf
 
 The tree description (``"tree"``) is a node per params node::
 
   {"dict": {key: node}}                              nested dicts, str keys
-  {"array": {"shape": [..], "dtype": "bfloat16"}}    an array leaf
+  {"array": {"shape": [..], "dtype": "bfloat16",     an array leaf and its array_sha256
+             "sha256": ".."}}
   {"format": {"name": "affine",                      a quantized kernel: its lqx.formats name,
               "static": {"bits": 4, "shape": {"tuple": [64, 32]}, "dtype": {"dtype": "float32"}, ..},
               "data": {"packed": {"array": ..}, "zero": null, "inner": {"format": ..}, ..}}}
@@ -22,8 +23,16 @@ class up by name in ``lqx.formats.FORMATS``, rebuilds it (on
 it: the format's ``VALIDATORS`` entry if any, then its ``check()`` method if the
 class has one (both must read only shapes, dtypes and static fields, and raise
 ``ValueError`` on a mismatch). A new format registers a validator with
-``VALIDATORS[name] = fn`` or defines ``check()``. ``tree_sha256`` (a digest of
-the tree description) catches hand edits no validator can see.
+``VALIDATORS[name] = fn`` or defines ``check()``.
+
+Checksums: ``tree_sha256`` (a digest of the tree description) catches hand edits
+no validator can see, ``config_sha256`` the same for the config, and each
+array's ``sha256`` (:func:`array_sha256`, taken at save) is checked against the
+restored array (``restore(..., verify=False)`` skips that), so a damaged byte
+in ``arrays/`` is a ``CheckpointError`` naming the array, never changed weights.
+``"files"`` lists every file under ``arrays/`` with its size: restore names a
+missing or truncated one, and ``overwrite=True`` replaces only such a folder.
+``"metadata"`` is not covered by any checksum.
 
 ``"config"`` is ``null``, or ``{"class": "module:QualName" | null, "fields": {..}}``
 (a dataclass instance, or a plain dict when ``class`` is null; fields encoded like
@@ -31,20 +40,28 @@ static fields). Restore builds a class only from the allow-list ``CONFIGS``
 (:class:`lqx.models.llama.LlamaConfig` and what :func:`register_config` adds);
 nothing is imported by name from the file and nothing is pickled.
 
-Version 1 files (spec key ``"qarray"`` for an affine QArray, ``"config"`` the bare
-``LlamaConfig`` fields) still restore. In the orbax tree a format is a dict of its
-non-None data fields (nested formats nested dicts) and dict keys are %-escaped
-(orbax joins key paths with ``.``, so ``{"a.b": x}`` and ``{"a": {"b": y}}`` would clash).
+Older files still restore: version 2 (no array checksums, ``config_sha256`` or
+``"files"``; restore warns that the arrays are not verified) and version 1 (spec
+key ``"qarray"`` for an affine QArray, ``"config"`` the bare ``LlamaConfig``
+fields, no digests). In the orbax tree a format is a dict of its non-None data
+fields (nested formats nested dicts) and dict keys are %-escaped (orbax joins key
+paths with ``.``, so ``{"a.b": x}`` and ``{"a": {"b": y}}`` would clash).
 
 Saves are atomic: everything is written into a hidden sibling folder
-``.<name>.lqx-tmp-<id>`` and renamed to ``<name>`` only when complete, so an
-interrupted save never leaves a folder that restores. ``overwrite=True`` swaps
+``.<name>.lqx-tmp-<id>`` (holding a ``.lqx-save`` marker with the writer's pid
+and host until it is complete) and renamed to ``<name>`` only when complete, so
+an interrupted save never leaves a folder that restores. ``overwrite=True`` swaps
 the new folder in with one ``renameat2(RENAME_EXCHANGE)`` where the OS offers
 it (Linux), else with two renames (the old folder is moved aside to
 ``.<name>.lqx-old-<id>`` first and deleted only after the new one is in place).
-Orbax's own finalization (temp dir + rename) is not enough here: it covers only
-``arrays/`` (not the JSON written beside it), its ``force=True`` deletes the old
-checkpoint before writing the new one, and its temp name is not unique.
+It replaces only an lqx checkpoint that holds nothing lqx did not write (or an
+empty folder), and deletes only the files lqx wrote. Leftovers of interrupted
+saves of the same destination are removed by the next save when they are
+provably stale (temp folders whose writer is dead, or complete checkpoints that
+were superseded); others are reported with a warning. Orbax's own finalization
+(temp dir + rename) is not enough here: it covers only ``arrays/`` (not the JSON
+written beside it), its ``force=True`` deletes the old checkpoint before writing
+the new one, and its temp name is not unique.
 
 Arrays come back bit for bit with their saved dtypes (uint32/uint8 codes,
 float16/bfloat16 scales, float32 weights) as ``jax.Array``, on
@@ -61,7 +78,10 @@ import hashlib
 import json
 import os
 import shutil
+import socket
+import sys
 import uuid
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import quote
@@ -75,12 +95,14 @@ from lqx.formats import affine
 from lqx.models.llama import LlamaConfig
 
 FORMAT = "lqx-checkpoint"
-VERSION = 2
-READS = (1, 2)
+VERSION = 3
+READS = (1, 2, 3)
 JSON_NAME = "lqx_checkpoint.json"
 ARRAYS_NAME = "arrays"
 TMP_MARK = ".lqx-tmp-"
 OLD_MARK = ".lqx-old-"
+SAVE_MARK = ".lqx-save"
+"""Marker file inside a temp folder while its save runs: ``{"pid", "host", "dest"}`` of the writer."""
 
 
 class CheckpointError(ValueError):
@@ -241,6 +263,42 @@ def _array_spec(x) -> dict:
   return {"shape": [int(d) for d in x.shape], "dtype": np.dtype(x.dtype).name}
 
 
+def array_sha256(x) -> str:
+  """sha256 hex of an array in a canonical layout: ``b"<dtype name> <d0>,<d1>,..\\n"``, then its C-order little-endian bytes.
+
+  A ``jax.Array`` is gathered to host first (all its shards: one array at a time,
+  single process), so the digest does not depend on how the array is sharded.
+  """
+  a = np.asarray(x)
+  head = f"{a.dtype.name} {','.join(str(int(d)) for d in a.shape)}\n".encode()
+  big = a.dtype.byteorder == ">" or (a.dtype.byteorder == "=" and sys.byteorder == "big")
+  if big and a.dtype.itemsize > 1:
+    a = a.byteswap()
+  h = hashlib.sha256(head)
+  h.update(np.ascontiguousarray(a).reshape(-1).view(np.uint8))
+  return h.hexdigest()
+
+
+def _is_sha256(h) -> bool:
+  return isinstance(h, str) and len(h) == 64 and all(c in "0123456789abcdef" for c in h)
+
+
+def _check_array_spec(a, where: str) -> tuple[tuple[int, ...], np.dtype]:
+  """Shape and dtype of an ``"array"`` node; ``CheckpointError`` unless it is well formed."""
+  dtype = None
+  if (isinstance(a, dict) and {"shape", "dtype"} <= set(a) <= {"shape", "dtype", "sha256"}
+      and isinstance(a["shape"], list) and all(type(d) is int and 0 <= d < 2**62 for d in a["shape"])
+      and isinstance(a["dtype"], str) and _is_sha256(a.get("sha256", "0" * 64))):
+    try:
+      dtype = np.dtype(a["dtype"])
+    except (TypeError, ValueError):
+      pass
+  if dtype is None or dtype.name != a["dtype"] or dtype.kind in "OUSM":
+    raise CheckpointError(f"{where}: corrupt array description {a!r}; expected {{'shape': [ints >= 0], "
+                          f"'dtype': a numpy dtype name, 'sha256': 64 hex digits}}")
+  return tuple(a["shape"]), dtype
+
+
 def _join(path: str, key: str) -> str:
   return f"{path}/{key}" if path else key
 
@@ -277,6 +335,8 @@ def _spec(node, path: str = "", concrete: bool = False) -> dict:
     return {"dict": out}
   if _is_array(node):
     _check_leaf(node, where, concrete)
+    if concrete:
+      return {"array": {**_array_spec(node), "sha256": array_sha256(node)}}
     return {"array": _array_spec(node)}
   if formats.is_quantized(node):
     raise CheckpointError(f"{where}: {type(node).__name__} is not a registered format "
@@ -347,8 +407,7 @@ def _build(spec: dict, arrays: dict | None, path: str = ""):
             for k, v in spec["dict"].items()}
   if "array" in spec:
     if arrays is None:
-      a = spec["array"]
-      return jax.ShapeDtypeStruct(tuple(int(d) for d in a["shape"]), np.dtype(a["dtype"]))
+      return jax.ShapeDtypeStruct(*_check_array_spec(spec["array"], where))
     return arrays
   f = spec["format"]
   name = f["name"]
@@ -419,7 +478,7 @@ def first_mismatch(saved: dict | None, target: dict | None, path: str = "") -> s
         return m
     return None
   if kind_s == "array":
-    if s != t:
+    if (s["shape"], s["dtype"]) != (t["shape"], t["dtype"]):  # a saved array also has its sha256
       return f"{where}: checkpoint has {_describe(saved)}, target has {_describe(target)}"
     return None
   if s["name"] != t["name"]:
@@ -445,10 +504,11 @@ def _tmp_sibling(dest: Path, mark: str) -> Path:
 
 def _leftovers(dest: Path) -> list[Path]:
   """Temp/old siblings that interrupted saves of ``dest`` left behind."""
-  if not dest.parent.is_dir():
+  heads = (f".{dest.name}{TMP_MARK}", f".{dest.name}{OLD_MARK}")
+  try:
+    return sorted(dest.parent / n for n in os.listdir(dest.parent) if n.startswith(heads))
+  except OSError:
     return []
-  return sorted(p for p in dest.parent.glob(f".{dest.name}.lqx-*")
-                if TMP_MARK in p.name or OLD_MARK in p.name)
 
 
 def _write_json(path: Path, obj: dict) -> None:
@@ -482,6 +542,123 @@ def _fsync_dir(path: Path) -> None:
     os.close(fd)
 
 
+def _files(folder: Path) -> dict[str, int]:
+  """``{relative posix path: size}`` of every file (and symlink) under ``folder``."""
+  out = {}
+  for root, dirs, files in os.walk(folder):
+    for name in files + [d for d in dirs if os.path.islink(os.path.join(root, d))]:
+      full = os.path.join(root, name)
+      out[Path(full).relative_to(folder).as_posix()] = os.lstat(full).st_size
+  return out
+
+
+def _owned_files(folder: Path) -> list[str]:
+  """Every file in ``folder`` if it is an lqx checkpoint holding only files lqx wrote; else ``FileExistsError``.
+
+  Recognised by its ``lqx_checkpoint.json`` (format ``lqx-checkpoint``), nothing
+  beside it but ``arrays/``, and under ``arrays/`` only the files its ``"files"``
+  list names (checkpoints older than version 3 have no list: all of ``arrays/``
+  counts as lqx's). An empty folder holds nothing to delete.
+  """
+  if folder.is_symlink() or not folder.is_dir():
+    raise FileExistsError(f"{folder}: exists and is not a folder; refusing to replace it")
+  found = _files(folder)
+  top = set(os.listdir(folder))
+  if not top:
+    return []
+  try:
+    doc = json.loads((folder / JSON_NAME).read_text())
+    listed = doc.get("files") if isinstance(doc, dict) and doc.get("format") == FORMAT else False
+  except (OSError, ValueError):
+    listed = False
+  if listed is False:
+    raise FileExistsError(f"{folder}: is not an lqx checkpoint folder (no readable {JSON_NAME}); "
+                          f"refusing to replace it")
+  for rel in sorted(found) + sorted(top - {JSON_NAME, ARRAYS_NAME}):
+    if rel == JSON_NAME:
+      continue
+    if not (rel.startswith(ARRAYS_NAME + "/") and (rel in listed if isinstance(listed, dict) else True)):
+      raise FileExistsError(f"{folder}: holds {rel}, which lqx did not write; refusing to replace this "
+                            f"checkpoint (move the file out of it first)")
+  return sorted(found)
+
+
+def _remove_owned(folder: Path, files: list[str]) -> None:
+  """Delete ``files`` (relative to ``folder``), then its folders that are left empty; warn if ``folder`` stays."""
+  for rel in files:
+    try:
+      os.unlink(folder / rel)
+    except FileNotFoundError:
+      pass
+  for root, dirs, _ in os.walk(folder, topdown=False):
+    for d in dirs:
+      try:
+        os.rmdir(os.path.join(root, d))
+      except OSError:
+        pass
+  try:
+    os.rmdir(folder)
+  except FileNotFoundError:
+    pass
+  except OSError:
+    warnings.warn(f"{folder}: left in place, it holds files lqx did not write", stacklevel=3)
+
+
+def _write_marker(tmp: Path, dest: Path) -> None:
+  with open(tmp / SAVE_MARK, "x") as f:
+    json.dump({"pid": os.getpid(), "host": socket.gethostname(), "dest": dest.name}, f)
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except OSError:  # e.g. EPERM: exists, owned by another user
+    return True
+  return True
+
+
+def _stale(p: Path, dest: Path) -> tuple[list[str] | None, str]:
+  """``(files to delete, "")`` if ``p``, a leftover of a save of ``dest``, can go; else ``(None, why not)``."""
+  if p.is_symlink() or not p.is_dir():
+    return None, "not a folder"
+  marker = p / SAVE_MARK
+  if TMP_MARK in p.name and marker.is_file():
+    try:
+      m = json.loads(marker.read_text())
+      pid, host = m["pid"], m["host"]
+      ok = type(pid) is int and pid > 0 and isinstance(host, str) and m.get("dest") == dest.name
+    except (OSError, ValueError, TypeError, KeyError):
+      ok = False
+    if not ok:
+      return None, f"its {SAVE_MARK} marker is unreadable"
+    if host != socket.gethostname():
+      return None, f"written by a save on host {host!r}, which may still run"
+    if _alive(pid):
+      return None, f"process {pid} that writes it is alive (a save in progress?)"
+    return sorted(_files(p)), ""
+  if OLD_MARK in p.name and not dest.is_dir():
+    return None, (f"it holds the previous checkpoint of {dest.name} (a save was interrupted while "
+                  f"replacing it); rename it back to {dest.name} or delete it")
+  try:  # a complete temp folder (killed before its rename) or a superseded old checkpoint
+    return _owned_files(p), ""
+  except FileExistsError:
+    return None, "not recognised as an lqx checkpoint or save in progress"
+
+
+def _clean_leftovers(dest: Path) -> None:
+  """Remove the leftovers of interrupted saves of ``dest`` that are provably stale; warn about the others."""
+  for p in _leftovers(dest):
+    files, why = _stale(p, dest)
+    if files is None:
+      warnings.warn(f"{p}: leftover of an earlier save of {dest.name}, not removed: {why}", stacklevel=3)
+    elif SAVE_MARK in files:
+      _discard(p)  # a temp folder whose writer is dead: everything in it is lqx's
+    else:
+      _remove_owned(p, files)
+
+
 def _exchange(a: Path, b: Path) -> bool:
   """Atomically swap two existing paths (Linux ``renameat2(RENAME_EXCHANGE)``); False if unsupported."""
   try:
@@ -498,10 +675,10 @@ def _exchange(a: Path, b: Path) -> bool:
   raise OSError(err, f"renameat2(RENAME_EXCHANGE) of {a} and {b} failed: {os.strerror(err)}")
 
 
-def _replace(tmp: Path, dest: Path) -> None:
-  """Put the complete folder ``tmp`` at ``dest`` (an existing checkpoint); never loses the old one on failure."""
+def _replace(tmp: Path, dest: Path, old_files: list[str]) -> None:
+  """Put the complete folder ``tmp`` at ``dest``, whose files are ``old_files``; never loses the old one on failure."""
   if _exchange(tmp, dest):
-    _discard(tmp)  # now holds the old checkpoint
+    _remove_owned(tmp, old_files)  # ``tmp`` now holds the old checkpoint
     return
   old = _tmp_sibling(dest, OLD_MARK)
   os.rename(dest, old)
@@ -510,7 +687,7 @@ def _replace(tmp: Path, dest: Path) -> None:
   except BaseException:
     os.rename(old, dest)
     raise
-  _discard(old)
+  _remove_owned(old, old_files)
 
 
 def is_checkpoint(path: str | Path) -> bool:
@@ -530,10 +707,13 @@ def save(directory: str | Path, config, params, *, metadata: dict | None = None,
   it only if its class is in ``CONFIGS``, see :func:`register_config`), a plain
   dict or None; fields must be JSON-encodable (None, bool, int, float, str,
   tuple, dict, dtype). ``params``: nested dicts (str keys) of arrays and
-  registered formats (``lqx.formats.FORMATS``). ``metadata``: a JSON-serializable
-  dict (it comes back through JSON: tuples become lists). Raises
-  ``FileExistsError`` if ``directory`` exists, unless ``overwrite=True`` and it
-  is an lqx checkpoint (or an empty folder), which is then replaced.
+  registered formats (``lqx.formats.FORMATS``); each array's :func:`array_sha256`
+  is stored. ``metadata``: a JSON-serializable dict (it comes back through JSON:
+  tuples become lists). Raises ``FileExistsError`` if ``directory`` exists, unless
+  ``overwrite=True`` and it is an empty folder or an lqx checkpoint holding only
+  files lqx wrote, which is then replaced (only those files are deleted). Leftovers
+  of interrupted saves of ``directory`` are removed first if stale, else reported
+  with a warning (module docstring).
   """
   dest = Path(directory).expanduser().absolute()
   config_doc = _enc_config(config)
@@ -546,31 +726,33 @@ def save(directory: str | Path, config, params, *, metadata: dict | None = None,
   except (TypeError, ValueError) as e:
     raise TypeError(f"metadata is not JSON-serializable: {e}") from e
   spec = _spec(params, concrete=True)
-  if dest.exists():
-    if not dest.is_dir():
-      raise FileExistsError(f"{dest}: exists and is not a folder")
+  if dest.exists() or dest.is_symlink():
     if not overwrite:
       raise FileExistsError(f"{dest}: already exists; pass overwrite=True to replace it")
-    if not (dest / JSON_NAME).is_file() and any(dest.iterdir()):
-      raise FileExistsError(f"{dest}: is not an lqx checkpoint folder (no {JSON_NAME}); refusing to replace it")
+    _owned_files(dest)
 
   import orbax.checkpoint as ocp
 
   doc = {"format": FORMAT, "version": VERSION, "orbax_checkpoint": ocp.__version__,
-         "config": config_doc, "metadata": metadata, "tree_sha256": _digest(spec), "tree": spec}
+         "config": config_doc, "config_sha256": _digest(config_doc), "metadata": metadata,
+         "tree_sha256": _digest(spec), "tree": spec}
   dest.parent.mkdir(parents=True, exist_ok=True)
+  _clean_leftovers(dest)
   tmp = _tmp_sibling(dest, TMP_MARK)
   tmp.mkdir()
   try:
+    _write_marker(tmp, dest)
     tree = _orbax_tree(params)
     if tree:
       _save_arrays(tmp / ARRAYS_NAME, tree)
     else:
       (tmp / ARRAYS_NAME).mkdir()  # orbax refuses an empty tree
-    _write_json(tmp / JSON_NAME, doc)
+    files = {k: v for k, v in sorted(_files(tmp).items()) if k != SAVE_MARK}
+    _write_json(tmp / JSON_NAME, {**doc, "files": files})
+    os.unlink(tmp / SAVE_MARK)
     _fsync_dir(tmp)
-    if dest.exists():
-      _replace(tmp, dest)
+    if dest.exists() or dest.is_symlink():
+      _replace(tmp, dest, _owned_files(dest))
     else:
       os.rename(tmp, dest)
   except BaseException:
@@ -598,12 +780,14 @@ def read_json(directory: str | Path) -> dict:
     raise CheckpointError(f"{path}: not an lqx checkpoint folder (no {JSON_NAME})")
   try:
     doc = json.loads(jpath.read_text())
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+  except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError
     raise CheckpointError(f"{jpath}: corrupt, not valid JSON: {e}") from e
+  except OSError as e:
+    raise CheckpointError(f"{jpath}: unreadable: {e}") from e
   if not isinstance(doc, dict) or doc.get("format") != FORMAT:
     raise CheckpointError(f"{jpath}: corrupt, not an lqx checkpoint description (format != {FORMAT!r})")
   version = doc.get("version")
-  if version not in READS:
+  if type(version) is not int or version not in READS:
     raise CheckpointError(f"{jpath}: checkpoint format version {version!r}; this lqx reads versions "
                           f"{', '.join(map(str, READS))}")
   for key, typ in (("metadata", dict), ("tree", dict)):
@@ -615,11 +799,30 @@ def read_json(directory: str | Path) -> dict:
       and (c["class"] is None or isinstance(c["class"], str)))
   if not ok:
     raise CheckpointError(f"{jpath}: corrupt, 'config' is missing or not a config description")
+  need = {2: ("tree_sha256",), 3: ("tree_sha256", "config_sha256")}.get(version, ())
+  for key in need:
+    if not _is_sha256(doc.get(key)):
+      raise CheckpointError(f"{jpath}: corrupt, {key!r} is missing or not a sha256 hex digest")
+  f = doc.get("files")
+  if (version >= 3 or f is not None) and not (
+      isinstance(f, dict) and all(type(v) is int and v >= 0 for v in f.values())):
+    raise CheckpointError(f"{jpath}: corrupt, 'files' is missing or not a {{path: size}} dict")
   return doc
 
 
 def _config(doc: dict, jpath: Path, build: bool):
-  """The checkpoint's config: built from ``CONFIGS`` if ``build``, else its description with decoded fields."""
+  """The checkpoint's config: built from ``CONFIGS`` if ``build``, else its description with decoded fields.
+
+  Checked against ``config_sha256`` (after building, so a bad field is named first).
+  """
+  config = _config_unchecked(doc, jpath, build)
+  if "config_sha256" in doc and doc["config_sha256"] != _digest(doc["config"]):
+    raise CheckpointError(f"{jpath}: the config does not match its config_sha256 (edited by hand?); "
+                          f"refusing to restore a model config the arrays were not saved with")
+  return config
+
+
+def _config_unchecked(doc: dict, jpath: Path, build: bool):
   c = doc["config"]
   if doc["version"] == 1:
     c = {"class": config_name(LlamaConfig), "fields": c}
@@ -689,8 +892,40 @@ def _check_digest(doc: dict, jpath: Path) -> None:
                           f"refusing to restore arrays under settings they were not saved with")
 
 
-def restore(directory: str | Path, target=None, *, shardings=None,
-            build_config: bool = True) -> tuple[Any, Any, dict]:
+def _check_files(doc: dict, path: Path) -> None:
+  """Every file of ``"files"`` is there with its size (checkpoints before version 3 have no list)."""
+  for rel, size in (doc.get("files") or {}).items():
+    parts = rel.split("/")
+    if not (rel and parts[0] == ARRAYS_NAME and all(x and x not in (".", "..") for x in parts)):
+      raise CheckpointError(f"{path / JSON_NAME}: corrupt, 'files' lists {rel!r}, not a path under {ARRAYS_NAME}/")
+    f = path / rel
+    if not f.is_file():
+      raise CheckpointError(f"{path}: incomplete checkpoint, {rel} is missing")
+    if f.stat().st_size != size:
+      raise CheckpointError(f"{path}: corrupt, {rel} is {f.stat().st_size} bytes, {JSON_NAME} says {size} "
+                            f"(truncated or overwritten?)")
+
+
+def _verify(leaves: list, arrays: dict, path: Path) -> None:
+  """Every restored array against the ``sha256`` saved for it; warns once if the checkpoint has none."""
+  unchecked = []
+  for p, okeys, s in leaves:
+    if "sha256" not in s:
+      unchecked.append(p)
+      continue
+    x = arrays
+    for k in okeys:
+      x = x[k]
+    if array_sha256(x) != s["sha256"]:
+      raise CheckpointError(f"{path}: corrupt, array {p} does not match the sha256 saved for it in {JSON_NAME} "
+                            f"(damaged on disk?); refusing to restore changed weights")
+  if unchecked:
+    warnings.warn(f"{path}: {len(unchecked)} arrays have no saved sha256 (a checkpoint older than lqx "
+                  f"checkpoint version 3), e.g. {unchecked[0]}; restored without verification", stacklevel=3)
+
+
+def restore(directory: str | Path, target=None, *, shardings=None, build_config: bool = True,
+            verify: bool = True) -> tuple[Any, Any, dict]:
   """``(config, params, metadata)`` from a checkpoint folder written by :func:`save`.
 
   ``config`` is rebuilt only from an allowed class (``CONFIGS``, see
@@ -703,6 +938,11 @@ def restore(directory: str | Path, target=None, *, shardings=None,
   ``shardings``: None (all on ``jax.devices()[0]``), one ``Sharding`` for every
   array, or a tree like params (a Sharding may stand for a whole subtree; a
   format node holds one per data field, e.g. ``jax.tree.map(lambda _: s, params)``).
+  ``verify``: check every restored array against the sha256 saved for it (a
+  mismatch is a ``CheckpointError`` naming the array); each array is gathered to
+  host once for this, so ``verify=False`` is faster. Checkpoints older than
+  version 3 have no array checksums: they restore unverified, with a warning.
+  Damage anywhere in the folder gives an exact restore or a ``CheckpointError``.
   """
   import orbax.checkpoint as ocp
 
@@ -712,12 +952,12 @@ def restore(directory: str | Path, target=None, *, shardings=None,
   config = _config(doc, jpath, build_config)
   try:
     spec = _upgrade(doc["tree"])
+    _build(spec, None)
     leaves = list(_walk_leaves(spec))
     dtypes = {p: np.dtype(s["dtype"]) for p, _, s in leaves}
-    _build(spec, None)
   except CheckpointError:
     raise
-  except (KeyError, TypeError, AttributeError, ValueError, StopIteration) as e:
+  except Exception as e:  # any damage to the description: KeyError, TypeError, RecursionError, ..
     raise CheckpointError(f"{jpath}: corrupt tree description: {e!r}") from e
   if target is not None:
     m = first_mismatch(spec, _spec(target))
@@ -726,6 +966,7 @@ def restore(directory: str | Path, target=None, *, shardings=None,
   apath = path / ARRAYS_NAME
   if not apath.is_dir():
     raise CheckpointError(f"{path}: incomplete checkpoint, {ARRAYS_NAME}/ folder is missing")
+  _check_files(doc, path)
   if not leaves:
     _check_digest(doc, jpath)
     return config, _build(spec, {}), doc["metadata"]
@@ -741,8 +982,8 @@ def restore(directory: str | Path, target=None, *, shardings=None,
     try:
       for k in okeys:
         node = node[k]
-      on_disk = (tuple(node.shape), np.dtype(node.dtype))
-    except (KeyError, TypeError, AttributeError):
+      on_disk = (tuple(int(d) for d in node.shape), np.dtype(node.dtype))
+    except Exception:  # missing, or metadata orbax could not make sense of
       raise CheckpointError(f"{path}: corrupt, {p} is described in {JSON_NAME} but not stored in "
                             f"{ARRAYS_NAME}/") from None
     if on_disk != (tuple(s["shape"]), dtypes[p]):
@@ -755,8 +996,10 @@ def restore(directory: str | Path, target=None, *, shardings=None,
     arrays = ck.restore(apath, args=ocp.args.PyTreeRestore(item=item, restore_args=args))
   except Exception as e:
     raise CheckpointError(f"{apath}: orbax could not restore the arrays: {e}") from e
+  if verify:
+    _verify(leaves, arrays, path)
   return config, _build(spec, arrays), doc["metadata"]
 
 
 __all__ = ["CheckpointError", "CONFIGS", "VALIDATORS", "save", "restore", "read_json", "is_checkpoint",
-           "first_mismatch", "register_config", "config_name"]
+           "first_mismatch", "register_config", "config_name", "array_sha256"]
