@@ -2,28 +2,47 @@
 
 Reads ``LlamaForCausalLM``, ``MistralForCausalLM`` and ``Qwen2ForCausalLM`` folders
 holding ``model.safetensors`` or shards listed in ``model.safetensors.index.json``.
-Tensors are read with ``safetensors``' numpy backend (never pickle); F32, F16 and
-BF16 are accepted and cast to ``dtype`` (float32 by default, as the GGUF reader
-returns). Torch ``(out, in)`` weights become ``(in, out)`` kernels; Q/K rows are
-already in the ``rotate_half`` layout that ``lqx.models.llama`` uses.
+Tensors are read with ``safetensors``' numpy backend (never pickle); F32, F16,
+BF16 and F64 are accepted and cast to ``dtype`` (float32 by default, as the GGUF
+reader returns). Torch ``(out, in)`` weights become ``(in, out)`` kernels; Q/K rows
+are already in the ``rotate_half`` layout that ``lqx.models.llama`` uses.
 
 What lqx's decoder does not compute is rejected with an error, not approximated:
-scaled RoPE (``rope_scaling``/``rope_parameters`` other than the default type),
-activations other than SiLU, LLaMA's ``attention_bias`` (it includes an o_proj
-bias) and ``mlp_bias``. A sliding attention window W (Mistral v0.1, Qwen2 with
-``use_sliding_window``) is accepted: lqx attends to the full causal prefix, which
-equals sliding-window attention for sequences of at most W tokens, so
-``config.max_seq_len`` is set to ``min(max_position_embeddings, W)``.
+scaled RoPE (``rope_scaling``/``rope_parameters`` other than the default type, or
+with keys beyond ``rope_theta``), partial rotary embeddings, mixture-of-experts
+keys, activations other than SiLU, LLaMA's ``attention_bias`` (it includes an
+o_proj bias) and ``mlp_bias``, and ``auto_map`` custom model code. A sliding
+attention window W (Mistral v0.1, Qwen2 with ``use_sliding_window``) is accepted:
+lqx attends to the full causal prefix, which equals sliding-window attention for
+sequences of at most W tokens, so ``config.max_seq_len`` is set to
+``min(max_position_embeddings, W)``.
+
+The folder is untrusted input. Every failure is an ``HFError`` (a
+``ModelFileError``) naming the file and the field or tensor: JSON must be UTF-8,
+size-capped and free of duplicate keys; counts in ``config.json`` must be real
+integers in range and consistent, booleans real booleans, and the layer count
+must match the ``model.layers.N.`` tensors before the expected tensor set is
+built; safetensors header lengths are bounded by the file size before anything
+is parsed; every file the index names must resolve inside the folder (symlinks
+included; a Hugging Face hub cache snapshot may link into its ``blobs``); a tensor
+may live in one file only; shapes and dtypes are checked before data is read,
+and values must be finite. Tokenizers never run a folder's Python code.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-from pathlib import Path
+import math
+import os
+import re
+import struct
+from pathlib import Path, PurePosixPath
 
 import ml_dtypes  # noqa: F401  registers bfloat16 with numpy, so safetensors' numpy backend reads BF16
 import numpy as np
 
+from lqx.io.errors import ModelFileError
 from lqx.models.llama import LlamaConfig, layer_names
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
@@ -31,100 +50,318 @@ _MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "q
 _FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)  # a buffer some older checkpoints saved
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "vocab.txt")
+_MAX_JSON_BYTES = 16 << 20  # config.json and the index are kilobytes (a 405B model's index: ~100 KB)
+_MAX_HEADER_BYTES = 16 << 20  # safetensors allows 100 MB; real headers are well under 1 MB
+_LIMITS = {  # upper bounds of config.json counts, far above any released model
+    "vocab_size": 1 << 22, "hidden_size": 1 << 17, "intermediate_size": 1 << 20, "num_hidden_layers": 1024,
+    "num_attention_heads": 1 << 12, "num_key_value_heads": 1 << 12, "head_dim": 1 << 12,
+    "max_position_embeddings": 1 << 26, "sliding_window": 1 << 26,
+}
+_ROPE_KEYS = ("rope_type", "type", "rope_theta", "partial_rotary_factor")
+_MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "num_experts_per_tok",
+             "moe_intermediate_size", "n_shared_experts", "shared_expert_intermediate_size")
+_LAYER_TYPES = ("full_attention", "sliding_attention")
+_LAYER_RE = re.compile(r"model\.layers\.(\d{1,9})\.")
+_REQUIRED = object()
 
 
-class HFError(ValueError):
+class HFError(ModelFileError):
   """A Hugging Face folder is unreadable, truncated, or not a supported model."""
 
 
-def _read_json(path: Path) -> dict:
+# ----------------------------------------------------------------------------- untrusted files
+
+
+def _show(v, n=60) -> str:
+  """A short repr of a config value for error messages."""
+  r = repr(v)
+  return r if len(r) <= n else r[: n - 3] + "..."
+
+
+class _DuplicateKey(Exception):
+  pass
+
+
+def _no_duplicates(pairs):
+  obj = {}
+  for k, v in pairs:
+    if k in obj:
+      raise _DuplicateKey(k)
+    obj[k] = v
+  return obj
+
+
+def _parse_json(data: bytes, where: str):
+  """JSON from bytes: strict UTF-8, no duplicate keys; any failure is an HFError naming ``where``."""
   try:
-    with open(path) as f:
-      return json.load(f)
-  except json.JSONDecodeError as e:
-    raise HFError(f"{path}: not valid JSON: {e}") from e
+    text = data.decode("utf-8")
+  except UnicodeDecodeError as e:
+    raise HFError(f"{where}: not UTF-8 text (byte {e.start}: {e.reason})") from e
+  try:
+    return json.loads(text, object_pairs_hook=_no_duplicates)
+  except _DuplicateKey as e:
+    raise HFError(f"{where}: key {_show(e.args[0])} appears twice (which one is meant?)") from None
+  except (ValueError, RecursionError) as e:  # JSONDecodeError, int digit limit, deep nesting
+    raise HFError(f"{where}: not valid JSON: {type(e).__name__}: {_show(str(e), 200)}") from e
+
+
+def _roots(root: Path) -> tuple[Path, ...]:
+  """Folders the files of ``root`` may resolve into: itself, and the blobs of a hub cache snapshot."""
+  real = root.resolve()
+  if real.parent.name == "snapshots" and real.parent.parent.name.startswith("models--"):
+    return real, real.parent.parent / "blobs"  # <cache>/models--org--name/snapshots/<rev>/x -> ../../blobs/<sha>
+  return (real,)
+
+
+def _confine(root: Path, file: Path, what: str) -> Path:
+  """``file``, after checking that it (symlinks followed) lies inside the model folder ``root``."""
+  try:
+    real = file.resolve()
+  except (OSError, RuntimeError, ValueError) as e:  # symlink loop, odd names
+    raise HFError(f"{what}: cannot resolve {file}: {e}") from e
+  if not any(real.is_relative_to(r) for r in _roots(root)):
+    raise HFError(f"{what}: {file} resolves to {real}, outside the model folder {root.resolve()}")
+  return file
+
+
+def _read_json(file: Path, root: Path | None = None) -> dict:
+  """The JSON object in ``file`` (inside folder ``root``, default its parent), size-capped."""
+  _confine(file.parent if root is None else root, file, str(file))
+  if not file.is_file():
+    raise HFError(f"{file}: not a regular file")
+  try:
+    with open(file, "rb") as f:
+      data = f.read(_MAX_JSON_BYTES + 1)
+  except OSError as e:
+    raise HFError(f"{file}: cannot read: {e}") from e
+  if len(data) > _MAX_JSON_BYTES:
+    raise HFError(f"{file}: larger than {_MAX_JSON_BYTES} bytes (not a model folder's JSON)")
+  obj = _parse_json(data, str(file))
+  if not isinstance(obj, dict):
+    raise HFError(f"{file}: top level is a JSON {type(obj).__name__}, expected an object")
+  return obj
+
+
+def _header(file: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+  """Tensor name -> (dtype, shape) from a safetensors header, its length bounded by the file size first."""
+  if not file.is_file():
+    raise HFError(f"{file}: safetensors file not found")
+  try:
+    with open(file, "rb") as f:
+      size = os.fstat(f.fileno()).st_size
+      head = f.read(8)
+      if len(head) < 8:
+        raise HFError(f"{file}: {size} bytes, too short for a safetensors header (truncated?)")
+      n = struct.unpack("<Q", head)[0]
+      if n > size - 8 or n > _MAX_HEADER_BYTES:
+        raise HFError(f"{file}: header length field is {n} bytes but {size - 8} follow it "
+                      f"(limit {_MAX_HEADER_BYTES}; truncated or corrupt?)")
+      data = f.read(n)
+  except OSError as e:
+    raise HFError(f"{file}: cannot read: {e}") from e
+  hdr = _parse_json(data, f"{file} (safetensors header)")
+  if not isinstance(hdr, dict):
+    raise HFError(f"{file}: safetensors header is a JSON {type(hdr).__name__}, expected an object")
+  out = {}
+  for name, info in hdr.items():
+    if name == "__metadata__":
+      continue
+    ok = isinstance(info, dict) and isinstance(info.get("dtype"), str) and isinstance(info.get("shape"), list)
+    if not ok or not all(type(d) is int and d >= 0 for d in info["shape"]):
+      raise HFError(f"{file}: safetensors header entry {_show(name)} is {_show(info)}, "
+                    f"expected {{dtype, shape, data_offsets}} (corrupt?)")
+    out[name] = (info["dtype"], tuple(info["shape"]))
+  return out
+
+
+@contextlib.contextmanager
+def _reading(file: Path):
+  """Turns what the safetensors library raises on a corrupt file into an HFError naming it."""
+  try:
+    yield
+  except (HFError, MemoryError, KeyboardInterrupt, SystemExit):
+    raise
+  except BaseException as e:  # SafetensorError, numpy's ValueError, a pyo3 PanicException (a BaseException)
+    raise HFError(f"{file}: not a readable safetensors file (truncated or corrupt?): "
+                  f"{type(e).__name__}: {_show(str(e), 200)}") from e
+
+
+# ----------------------------------------------------------------------------- config.json
+
+
+def _get(cfg: dict, key: str, file: Path, default):
+  if key in cfg:
+    return cfg[key]
+  if default is _REQUIRED:
+    raise HFError(f"{file}: required key {key!r} is missing")
+  return default
+
+
+def _int(cfg: dict, key: str, file: Path, default=_REQUIRED, lo: int = 1) -> int | None:
+  """An integer field (not a bool, float or string) in ``[lo, _LIMITS[key]]``; absent or null gives
+  ``default`` where there is one."""
+  v = _get(cfg, key, file, default)
+  if v is None and default is not _REQUIRED:
+    return default
+  if type(v) is not int:
+    raise HFError(f"{file}: {key} must be an integer, got {_show(v)}")
+  hi = _LIMITS.get(key)
+  if v < lo or (hi is not None and v > hi):
+    raise HFError(f"{file}: {key}={_show(v)} is out of range [{lo}, {hi if hi is not None else 'inf'}]")
+  return v
+
+
+def _float(v, field: str, file: Path, hi: float = math.inf) -> float:
+  """A finite number in ``(0, hi)`` (JSON ints accepted, bools and strings not)."""
+  if type(v) not in (int, float) or not (0 < v < hi) or not math.isfinite(v):
+    bound = "" if hi == math.inf else f" and below {hi}"
+    raise HFError(f"{file}: {field} must be a finite number above 0{bound}, got {_show(v)}")
+  return float(v)
+
+
+def _bool(cfg: dict, key: str, file: Path, default: bool) -> bool:
+  v = _get(cfg, key, file, default)
+  if type(v) is not bool:
+    raise HFError(f"{file}: {key} must be true or false, got {_show(v)}")
+  return v
+
+
+def _token_id(cfg: dict, key: str, file: Path) -> int | None:
+  """A token id, which config.json may give as null, an int or a list of ints (the first one wins)."""
+  x = cfg.get(key)
+  ids = x if isinstance(x, list) else [] if x is None else [x]
+  if not all(type(i) is int and i >= 0 for i in ids):
+    raise HFError(f"{file}: {key} must be null, a token id or a list of them, got {_show(x)}")
+  return ids[0] if ids else None
 
 
 def architecture(cfg: dict, path: Path) -> str:
   """The supported architecture named by a ``config.json`` dict."""
-  archs = cfg.get("architectures") or [_MODEL_TYPES.get(cfg.get("model_type"), cfg.get("model_type"))]
+  model_type = cfg.get("model_type")
+  if model_type is not None and not isinstance(model_type, str):
+    raise HFError(f"{path}: model_type must be a string, got {_show(model_type)}")
+  archs = cfg.get("architectures")
+  if archs is not None and not (isinstance(archs, list) and all(isinstance(a, str) for a in archs)):
+    raise HFError(f"{path}: architectures must be a list of class names, got {_show(archs)}")
+  archs = archs or [_MODEL_TYPES.get(model_type, model_type)]
   for a in archs:
     if a in SUPPORTED_ARCHITECTURES:
       return a
-  raise HFError(f"{path}: unsupported architecture {', '.join(map(repr, archs))} "
+  raise HFError(f"{path}: unsupported architecture {', '.join(map(_show, archs))} "
                 f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+
+
+def _full_rotary(v, field: str, file: Path):
+  if type(v) not in (int, float) or v != 1:
+    raise HFError(f"{file}: {field}={_show(v)} is not supported (lqx rotates the whole head)")
 
 
 def _rope_theta(cfg: dict, path: Path) -> float:
   """RoPE base; raises on any RoPE scaling (transformers 4: ``rope_scaling``, 5: ``rope_parameters``)."""
+  thetas = {}
+  if cfg.get("rope_theta") is not None:
+    thetas["rope_theta"] = _float(cfg["rope_theta"], "rope_theta", path)
+  if "partial_rotary_factor" in cfg:
+    _full_rotary(cfg["partial_rotary_factor"], "partial_rotary_factor", path)
   for key in ("rope_scaling", "rope_parameters"):
-    rp = cfg.get(key) or {}
+    rp = cfg.get(key)
+    if rp is None:
+      continue
+    if not isinstance(rp, dict):
+      raise HFError(f"{path}: {key} must be an object or null, got {_show(rp)}")
     kind = rp.get("rope_type", rp.get("type", "default"))
     if kind not in (None, "default"):
-      raise HFError(f"{path}: {key} type {kind!r} is not supported (lqx implements unscaled RoPE only)")
-    if rp.get("partial_rotary_factor", 1.0) != 1.0:
-      raise HFError(f"{path}: partial_rotary_factor={rp['partial_rotary_factor']} is not supported")
-  theta = cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta") or 10000.0
-  return float(theta)
+      raise HFError(f"{path}: {key} type {_show(kind)} is not supported (lqx implements unscaled RoPE only)")
+    extra = sorted(k for k in rp if k not in _ROPE_KEYS)
+    if extra:
+      raise HFError(f"{path}: {key} has {', '.join(map(repr, extra))}, which lqx's unscaled RoPE does not implement")
+    if "partial_rotary_factor" in rp:
+      _full_rotary(rp["partial_rotary_factor"], f"{key}.partial_rotary_factor", path)
+    if rp.get("rope_theta") is not None:
+      thetas[f"{key}.rope_theta"] = _float(rp["rope_theta"], f"{key}.rope_theta", path)
+  if len(set(thetas.values())) > 1:
+    raise HFError(f"{path}: RoPE bases disagree: {', '.join(f'{k}={v}' for k, v in thetas.items())}")
+  return next(iter(thetas.values()), 10000.0)
 
 
-def _sliding_window(cfg: dict, arch: str) -> int | None:
-  w = cfg.get("sliding_window")
-  if not w:
+def _sliding_window(cfg: dict, arch: str, path: Path, n_layers: int) -> int | None:
+  w = _int(cfg, "sliding_window", path, None)
+  if arch != "Qwen2ForCausalLM":
+    return w
+  use = _bool(cfg, "use_sliding_window", path, False)
+  _int(cfg, "max_window_layers", path, None, lo=0)
+  layer_types = cfg.get("layer_types")
+  if layer_types is not None and (not isinstance(layer_types, list) or len(layer_types) != n_layers
+                                  or not all(t in _LAYER_TYPES for t in layer_types)):
+    raise HFError(f"{path}: layer_types must list {n_layers} of {_LAYER_TYPES}, got {_show(layer_types)}")
+  if not (use or "sliding_attention" in (layer_types or [])):
     return None
-  if arch == "Qwen2ForCausalLM":
-    layer_types = cfg.get("layer_types") or []
-    return w if cfg.get("use_sliding_window") or "sliding_attention" in layer_types else None
+  if w is None:
+    raise HFError(f"{path}: sliding attention is on (use_sliding_window/layer_types) but sliding_window is null")
   return w
 
 
-def _first_id(x) -> int | None:
-  """A token id from config.json, which may be null, an int or a list (first one wins)."""
-  if isinstance(x, (list, tuple)):
-    x = x[0] if x else None
-  return None if x is None else int(x)
-
-
 def read_config(path: str | Path) -> LlamaConfig:
-  """The ``config.json`` of a Hugging Face folder as a ``LlamaConfig``."""
+  """The ``config.json`` of a Hugging Face folder as a ``LlamaConfig``; every field checked."""
   path = Path(path)
   file = path / "config.json"
-  if not file.is_file():
-    raise FileNotFoundError(f"{path}: no config.json (not a Hugging Face model folder)")
-  cfg = _read_json(file)
+  if not (file.exists() or file.is_symlink()):
+    raise HFError(f"{path}: no config.json (not a Hugging Face model folder)")
+  cfg = _read_json(file, path)
   arch = architecture(cfg, file)
+  amap = cfg.get("auto_map")
+  if amap is not None and (not isinstance(amap, dict) or any(str(k).startswith("AutoModel") for k in amap)):
+    raise HFError(f"{file}: auto_map {_show(amap)} points to custom model code; lqx reads the standard "
+                  f"{arch} layout only and never runs a folder's code")
   act = cfg.get("hidden_act", cfg.get("hidden_activation", "silu"))
   if act != "silu":
-    raise HFError(f"{file}: hidden_act {act!r} is not supported (lqx's MLP is SwiGLU with silu)")
+    raise HFError(f"{file}: hidden_act {_show(act)} is not supported (lqx's MLP is SwiGLU with silu)")
   if arch == "LlamaForCausalLM":
     for flag in ("attention_bias", "mlp_bias"):
-      if cfg.get(flag):
+      if _bool(cfg, flag, file, False):
         raise HFError(f"{file}: {flag}=true is not supported (lqx has q/k/v biases only, as Qwen2)")
-  max_len = int(cfg.get("max_position_embeddings", 2048))
-  window = _sliding_window(cfg, arch)
+  for key in _MOE_KEYS:
+    if cfg.get(key) not in (None, 0):
+      raise HFError(f"{file}: {key}={_show(cfg[key])}: mixture-of-experts layers are not supported")
+  n_layers = _int(cfg, "num_hidden_layers", file)
+  n_heads = _int(cfg, "num_attention_heads", file)
+  n_kv = _int(cfg, "num_key_value_heads", file, None) or n_heads
+  dim = _int(cfg, "hidden_size", file)
+  head_dim = _int(cfg, "head_dim", file, None)
+  if head_dim is None and dim % n_heads:
+    raise HFError(f"{file}: hidden_size={dim} is not a multiple of num_attention_heads={n_heads} (and no head_dim)")
+  if n_heads % n_kv:
+    raise HFError(f"{file}: num_attention_heads={n_heads} is not a multiple of num_key_value_heads={n_kv}")
+  if (head_dim or dim // n_heads) % 2:
+    raise HFError(f"{file}: head_dim={head_dim or dim // n_heads} must be even for RoPE")
+  max_len = _int(cfg, "max_position_embeddings", file, 2048)
+  window = _sliding_window(cfg, arch, file, n_layers)
   if window is not None:
-    max_len = min(max_len, int(window))
+    max_len = min(max_len, window)
   try:
     return LlamaConfig(
-        vocab_size=int(cfg["vocab_size"]),
-        dim=int(cfg["hidden_size"]),
-        n_layers=int(cfg["num_hidden_layers"]),
-        n_heads=int(cfg["num_attention_heads"]),
-        n_kv_heads=int(cfg.get("num_key_value_heads") or cfg["num_attention_heads"]),
-        ffn_dim=int(cfg["intermediate_size"]),
-        head_dim=cfg.get("head_dim"),
+        vocab_size=_int(cfg, "vocab_size", file),
+        dim=dim,
+        n_layers=n_layers,
+        n_heads=n_heads,
+        n_kv_heads=n_kv,
+        ffn_dim=_int(cfg, "intermediate_size", file),
+        head_dim=head_dim,
         rope_theta=_rope_theta(cfg, file),
-        norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        norm_eps=_float(cfg.get("rms_norm_eps", 1e-6), "rms_norm_eps", file, hi=1.0),
+        tie_embeddings=_bool(cfg, "tie_word_embeddings", file, False),
         attn_bias=arch == "Qwen2ForCausalLM",
         max_seq_len=max_len,
-        bos_token_id=_first_id(cfg.get("bos_token_id")),
-        eos_token_id=_first_id(cfg.get("eos_token_id")),
+        bos_token_id=_token_id(cfg, "bos_token_id", file),
+        eos_token_id=_token_id(cfg, "eos_token_id", file),
     )
-  except KeyError as e:
-    raise HFError(f"{file}: required key {e.args[0]!r} is missing") from e
   except (TypeError, ValueError) as e:
+    if isinstance(e, HFError):
+      raise
     raise HFError(f"{file}: {e}") from e
+
+
+# ----------------------------------------------------------------------------- tensors
 
 
 def expected_tensors(config: LlamaConfig) -> dict[str, tuple[tuple[str, ...], tuple[int, ...], bool]]:
@@ -150,35 +387,63 @@ def expected_tensors(config: LlamaConfig) -> dict[str, tuple[tuple[str, ...], tu
   return t
 
 
+def _shard(path: Path, index: Path, name, value) -> Path:
+  """The file a ``weight_map`` entry names: a relative ``.safetensors`` path inside the folder."""
+  where = f"{index}: weight_map[{_show(name)}]"
+  if not isinstance(value, str):
+    raise HFError(f"{where} is {_show(value)}, expected a file name")
+  parts = PurePosixPath(value).parts
+  if (not value.endswith(".safetensors") or value.startswith("/") or ".." in parts or "\\" in value
+      or "\0" in value or ":" in value):
+    raise HFError(f"{where} = {_show(value)}: expected a .safetensors file name inside the model folder")
+  return _confine(path, path / value, where)
+
+
+def _tensor_table(path: Path) -> tuple[dict[str, Path], dict[str, tuple[str, tuple[int, ...]]]]:
+  """(tensor name -> file, tensor name -> (dtype, shape)) from the index and the headers, which must agree."""
+  index = path / "model.safetensors.index.json"
+  listed = None
+  if index.exists() or index.is_symlink():
+    weight_map = _read_json(index, path).get("weight_map")
+    if not isinstance(weight_map, dict):
+      raise HFError(f"{index}: 'weight_map' is {_show(weight_map)}, expected an object of tensor name -> file")
+    listed = {name: _shard(path, index, name, file) for name, file in weight_map.items()}
+    files = list(dict.fromkeys(listed.values()))
+  elif (path / "model.safetensors").exists() or (path / "model.safetensors").is_symlink():
+    files = [path / "model.safetensors"]
+  else:
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+      raise HFError(f"{path}: no model.safetensors, model.safetensors.index.json or *.safetensors "
+                    f"(pickled .bin checkpoints are not read)")
+  where, info = {}, {}
+  for file in files:
+    _confine(path, file, str(file))
+    for name, entry in _header(file).items():
+      if name in where:
+        raise HFError(f"{file}: tensor {name!r} is also in {where[name]} (duplicate tensors: which one is meant?)")
+      if listed is not None and listed.get(name) != file:
+        other = f"maps it to {listed[name].name}" if name in listed else "does not list it"
+        raise HFError(f"{file}: holds tensor {name!r} but {index.name} {other}")
+      where[name], info[name] = file, entry
+  for name, file in (listed or {}).items():
+    if name not in where:
+      raise HFError(f"{file}: tensor {name!r} is missing (the index lists it in this file)")
+  return where, info
+
+
 def safetensors_files(path: str | Path) -> dict[str, Path]:
   """Tensor name -> the safetensors file in folder ``path`` that holds it (from the index if sharded)."""
-  from safetensors import safe_open
-
-  path = Path(path)
-  index = path / "model.safetensors.index.json"
-  if index.is_file():
-    weight_map = _read_json(index).get("weight_map")
-    if not isinstance(weight_map, dict):
-      raise HFError(f"{index}: no 'weight_map'")
-    return {name: path / file for name, file in weight_map.items()}
-  files = [path / "model.safetensors"] if (path / "model.safetensors").is_file() else sorted(path.glob("*.safetensors"))
-  if not files:
-    raise HFError(f"{path}: no model.safetensors, model.safetensors.index.json or *.safetensors "
-                  f"(pickled .bin checkpoints are not read)")
-  where = {}
-  for file in files:
-    with _open(file, safe_open) as f:
-      where.update(dict.fromkeys(f.keys(), file))
-  return where
+  return _tensor_table(Path(path))[0]
 
 
-def _open(file: Path, safe_open):
-  if not file.is_file():
-    raise HFError(f"{file}: safetensors file not found")
-  try:
-    return safe_open(str(file), framework="np")
-  except Exception as e:  # SafetensorError on a truncated or corrupt header
-    raise HFError(f"{file}: not a readable safetensors file (truncated or corrupt?): {e}") from e
+def _check_layers(config: LlamaConfig, where: dict, path: Path):
+  """The declared layer count must match the ``model.layers.N.`` tensors (before any per-layer work)."""
+  found = {int(m.group(1)) for n in where if (m := _LAYER_RE.match(n))}
+  n = max(found) + 1 if found else 0
+  if n != config.n_layers:
+    held = f"{n} layers (model.layers.0-{n - 1})" if n else "no model.layers.N tensors"
+    raise HFError(f"{path / 'config.json'}: num_hidden_layers={config.n_layers} but the safetensors files hold {held}")
 
 
 def load_hf(path: str | Path, dtype=np.float32) -> tuple[LlamaConfig, dict]:
@@ -191,57 +456,77 @@ def load_hf(path: str | Path, dtype=np.float32) -> tuple[LlamaConfig, dict]:
 
   path = Path(path)
   config = read_config(path)
+  where, info = _tensor_table(path)
+  _check_layers(config, where, path)
   expected = expected_tensors(config)
-  where = safetensors_files(path)
   missing = [n for n in expected if n not in where]
   if missing:
     more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
     raise HFError(f"{path}: tensor {missing[0]!r}{more} is missing from the safetensors files")
+  tied_head = config.tie_embeddings and "lm_head.weight" in where
   unexpected = [n for n in where if n not in expected and not n.endswith(_IGNORED_SUFFIXES)
-                and not (n == "lm_head.weight" and config.tie_embeddings)]
+                and not (n == "lm_head.weight" and tied_head)]
   if unexpected:
-    raise HFError(f"{path}: unexpected tensors {unexpected[:5]} (a feature lqx's {type(config).__name__} "
-                  f"does not implement, or a config.json that does not match the weights)")
+    raise HFError(f"{path}: unexpected tensors {[_show(n) for n in unexpected[:5]]} (a feature lqx's "
+                  f"{type(config).__name__} does not implement, or a config.json that does not match the weights)")
+  if tied_head:  # read it too: tie_word_embeddings=true may only drop a copy of the embedding
+    expected = {**expected, "lm_head.weight": (("_tied_head",), expected["model.embed_tokens.weight"][1], False)}
+  for name, (_, shape, _) in expected.items():
+    kind, got = info[name]
+    if got != shape:
+      raise HFError(f"{where[name]}: tensor {name!r} has shape {got}, expected {shape} (torch (out, in) order)")
+    if kind not in _FLOAT_DTYPES:
+      raise HFError(f"{where[name]}: tensor {name!r} has dtype {_show(kind)}, expected one of {_FLOAT_DTYPES}")
 
   params: dict = {}
   by_file: dict[Path, list[str]] = {}
   for name in expected:
     by_file.setdefault(where[name], []).append(name)
   for file, names in by_file.items():
-    with _open(file, safe_open) as f:
-      present = set(f.keys())
+    with _reading(file), safe_open(str(file), framework="np") as f:
       for name in names:
         sub, shape, is_kernel = expected[name]
-        if name not in present:
-          raise HFError(f"{file}: tensor {name!r} is missing (the index lists it in this file)")
-        sl = f.get_slice(name)
-        got, kind = tuple(sl.get_shape()), sl.get_dtype()
-        if got != shape:
-          raise HFError(f"{file}: tensor {name!r} has shape {got}, expected {shape} (torch (out, in) order)")
-        if kind not in _FLOAT_DTYPES:
-          raise HFError(f"{file}: tensor {name!r} has dtype {kind}, expected one of {_FLOAT_DTYPES}")
-        w = f.get_tensor(name)
+        raw = f.get_tensor(name)
+        if tuple(raw.shape) != shape:
+          raise HFError(f"{file}: tensor {name!r} read with shape {raw.shape}, expected {shape}")
+        with np.errstate(over="ignore", invalid="ignore"):
+          w = raw if dtype is None else raw.astype(dtype, copy=False)
         if not np.all(np.isfinite(w)):
-          raise HFError(f"{file}: tensor {name!r} contains NaN or Inf")
-        if dtype is not None:
-          w = w.astype(dtype, copy=False)
+          bad = "contains NaN or Inf" if w is raw or not np.all(np.isfinite(raw)) else f"overflows {w.dtype}"
+          raise HFError(f"{file}: tensor {name!r} {bad}")
         w = np.ascontiguousarray(w.T) if is_kernel else w
         node = params
         for key in sub[:-1]:
           node = node.setdefault(key, {})
         node[sub[-1]] = w
+  if tied_head:
+    head = params.pop("_tied_head")
+    if not np.array_equal(head, params["embed"]["embedding"]):
+      raise HFError(f"{where['lm_head.weight']}: tie_word_embeddings is true but tensor 'lm_head.weight' differs "
+                    f"from 'model.embed_tokens.weight' (tying would drop the real head)")
   ordered = {k: params[k] for k in ("embed", *layer_names(config), "final_norm", "lm_head") if k in params}
   return config, ordered
 
 
-def load_tokenizer(path: str | Path):
-  """The tokenizer saved in a Hugging Face folder (local files only, no hub access)."""
-  from transformers import AutoTokenizer
+# ----------------------------------------------------------------------------- tokenizer
 
+
+def load_tokenizer(path: str | Path):
+  """The tokenizer saved in a Hugging Face folder (local files only, no hub access, no custom code)."""
   path = Path(path)
   if not any((path / f).is_file() for f in _TOKENIZER_FILES):
     raise HFError(f"{path}: no tokenizer files (looked for {', '.join(_TOKENIZER_FILES)})")
+  for name in ("tokenizer_config.json", "config.json"):
+    file = path / name
+    if not (file.exists() or file.is_symlink()):
+      continue
+    amap = _read_json(file, path).get("auto_map")
+    if amap is not None and (name == "tokenizer_config.json" or not isinstance(amap, dict) or "AutoTokenizer" in amap):
+      raise HFError(f"{file}: auto_map {_show(amap)} names custom tokenizer code; lqx never runs a folder's "
+                    f"Python code (trust_remote_code=False)")
+  from transformers import AutoTokenizer
+
   try:
-    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    return AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
   except Exception as e:
     raise HFError(f"{path}: could not build a tokenizer: {type(e).__name__}: {e}") from e
