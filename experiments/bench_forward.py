@@ -5,13 +5,17 @@ jitted float32 matmul's GFLOP/s measured in the same run (the machine's practica
 limit), and the max |logit| difference between the two implementations.
 
   python experiments/bench_forward.py [--seq-len 512] [--batch 1] [--repeats 5] [--json OUT]
+
+Arguments are checked before the model loads; an error prints one ``error: ...``
+line (``--debug``: the traceback).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
+import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +23,10 @@ import numpy as np
 
 from lqx import data, io
 from lqx.models import llama
+
+if str(Path(__file__).resolve().parent) not in sys.path:
+  sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _cli  # noqa: E402
 
 
 def forward_flops(c: llama.LlamaConfig, batch: int, seq_len: int) -> float:
@@ -82,16 +90,19 @@ def torch_model(config: llama.LlamaConfig, params):
 
 
 def main(argv=None) -> dict:
-  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--model", default="smollm2-135m")
-  ap.add_argument("--seq-len", type=int, default=512)
-  ap.add_argument("--batch", type=int, default=1)
-  ap.add_argument("--repeats", type=int, default=5)
+  ap = _cli.parser(__doc__)
+  ap.add_argument("--model", type=_cli.model, default="smollm2-135m",
+                  help="a named model, a .gguf file, or a Hugging Face folder")
+  ap.add_argument("--seq-len", type=_cli.positive_int, default=512, help="tokens per sequence")
+  ap.add_argument("--batch", type=_cli.positive_int, default=1, help="sequences per forward")
+  ap.add_argument("--repeats", type=_cli.positive_int, default=5, help="timed forwards (the best is kept)")
   ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch baseline")
-  ap.add_argument("--json", help="write the results here")
+  ap.add_argument("--json", type=_cli.output_file, help="write the results here")
   args = ap.parse_args(argv)
 
   config, params = io.load_model(args.model)
+  if args.seq_len > config.max_seq_len:
+    raise _cli.UsageError(f"argument --seq-len: {args.seq_len} exceeds the model's max_seq_len {config.max_seq_len}")
   tokenizer = io.load_tokenizer(args.model)
   tokens = data.tokenize(tokenizer, data.load_text("heldout")[: 20 * args.seq_len * args.batch])
   batch = data.windows(tokens, args.seq_len)[: args.batch]
@@ -134,4 +145,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-  main()
+  _cli.run(main)

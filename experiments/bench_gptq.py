@@ -22,20 +22,26 @@ evaluation; with ``--reference`` the reference pipeline on PyTorch
 (``experiments/gptq_reference.py``) runs in the same process on the same windows and
 the ratio is to its time, else to ``REFERENCE_SECONDS`` (IST-DASLab/gptq measured on
 these CPUs when the issue was filed; machines differ, so prefer ``--reference``).
+Arguments are checked before any model loads; an error prints one ``error: ...``
+line (``--debug``: the traceback).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from lqx.quant import gptq
+
+if str(Path(__file__).resolve().parent) not in sys.path:
+  sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _cli  # noqa: E402
 
 
 def gptq_flops(ic: int, oc: int, block_size: int = 128, chol_block: int = gptq.CHOL_BLOCK) -> dict:
@@ -184,20 +190,24 @@ def main_pipeline(args) -> dict:
 
 
 def main(argv=None) -> dict:
-  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--size", type=int, default=4096, help="IC = OC of the layer")
-  ap.add_argument("--bits", type=int, default=4)
-  ap.add_argument("--group-size", type=int, default=128)
-  ap.add_argument("--act-order", action="store_true")
-  ap.add_argument("--repeats", type=int, default=2)
-  ap.add_argument("--json", default=None, help="write the results here")
+  ap = _cli.parser(__doc__)
+  ap.add_argument("--size", type=_cli.positive_int, default=4096, help="IC = OC of the layer")
+  ap.add_argument("--bits", type=int, choices=range(2, 9), metavar="{2..8}", default=4, help="bits per weight")
+  ap.add_argument("--group-size", type=_cli.group_size, default=128, help="-1: per channel")
+  ap.add_argument("--act-order", action="store_true", help="GPTQ's act-order")
+  ap.add_argument("--repeats", type=_cli.positive_int, default=2, help="warm calls timed (the best is kept)")
+  ap.add_argument("--json", type=_cli.output_file, default=None, help="write the results here")
   ap.add_argument("--smollm2", action="store_true", help="time every SmolLM2 linear instead")
-  ap.add_argument("--calib-samples", type=int, default=8, help="with --smollm2: windows of 256 tokens")
-  ap.add_argument("--blocks", type=int, default=None, help="with --smollm2: only the first N blocks")
+  ap.add_argument("--calib-samples", type=_cli.positive_int, default=8,
+                  help="with --smollm2: windows of 256 tokens (--pipeline: of 512, default 32)")
+  ap.add_argument("--blocks", type=_cli.positive_int, default=None, help="with --smollm2: only the first N blocks")
   ap.add_argument("--pipeline", action="store_true", help="time whole SmolLM2 quantize runs, phase by phase")
   ap.add_argument("--reference", action="store_true", help="with --pipeline: time the PyTorch reference too")
-  ap.add_argument("--eval-tokens", type=int, default=16384, help="with --pipeline: held-out tokens evaluated")
+  ap.add_argument("--eval-tokens", type=_cli.int_at_least(512, "an int >= 512 (one window of 512 tokens)"),
+                  default=16384, help="with --pipeline: held-out tokens evaluated")
   args = ap.parse_args(argv)
+  if args.pipeline and args.smollm2:
+    ap.error("argument --pipeline: not allowed with --smollm2 (pick one)")
   if args.pipeline:
     if args.calib_samples == 8 and "--calib-samples" not in (argv or sys.argv):
       args.calib_samples = 32
@@ -248,4 +258,4 @@ def main_smollm2(args) -> dict:
 
 
 if __name__ == "__main__":
-  main()
+  _cli.run(main)

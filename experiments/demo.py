@@ -10,12 +10,15 @@ results/seed_variance.json (``experiments/seed_variance.py``) has it. ``--full``
 writes results/quant_table.md and results/quant_ppl_vs_bits.png.
 The source model is itself stored as Q4_1 (4-bit, groups of 32): its dequantized
 weights are the float reference, and 4-bit results on it are flattering.
+Arguments are checked before the model loads; an error prints one ``error: ...``
+line (``--debug``: the traceback).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import jax
@@ -25,6 +28,10 @@ import numpy as np
 from lqx import data, evaluate, io, plots, recipe
 from lqx.models import llama
 
+if str(Path(__file__).resolve().parent) not in sys.path:
+  sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _cli  # noqa: E402
+
 # (label, bits, group_size); every method runs at every setting.
 SETTINGS = (("W3 g64", 3, 64), ("W3 g128", 3, 128), ("W4 g128", 4, 128), ("W2 g64", 2, 64), ("W3 per-ch", 3, -1))
 QUICK_SETTINGS = (("W3 g64", 3, 64),)
@@ -33,23 +40,31 @@ PROMPT = "ROMEO.\nBut soft, what light through yonder window breaks?"
 
 
 def main(argv=None) -> dict:
-  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--model", default="smollm2-135m")
-  ap.add_argument("--seq-len", type=int, default=512)
-  ap.add_argument("--eval-tokens", type=int, default=16384, help="cap on held-out tokens (0: all)")
-  ap.add_argument("--calib-samples", type=int, default=16)
-  ap.add_argument("--calib-seq-len", type=int, default=512)
-  ap.add_argument("--methods", help=f"comma-separated (default: {QUICK_METHODS}; --full: all of {recipe.METHODS})")
+  ap = _cli.parser(__doc__)
+  ap.add_argument("--model", type=_cli.model, default="smollm2-135m",
+                  help="a named model, a .gguf file, or a Hugging Face folder")
+  ap.add_argument("--seq-len", type=_cli.seq_len, default=512, help="tokens per evaluation window")
+  ap.add_argument("--eval-tokens", type=_cli.nonneg_int, default=16384, help="cap on held-out tokens (0: all)")
+  ap.add_argument("--calib-samples", type=_cli.positive_int, default=16, help="calibration windows")
+  ap.add_argument("--calib-seq-len", type=_cli.seq_len, default=512, help="tokens per calibration window")
+  ap.add_argument("--methods", type=methods_arg,
+                  help=f"comma-separated (default: {QUICK_METHODS}; --full: all of {recipe.METHODS})")
   ap.add_argument("--full", action="store_true", help="every setting and method (the README's full table)")
   ap.add_argument("--quick", action="store_true", help="the default; kept for old command lines")
   ap.add_argument("--no-quant", action="store_true", help="skip the quantization table")
-  ap.add_argument("--new-tokens", type=int, default=48)
-  ap.add_argument("--out", default="results", help="folder for demo.json")
+  ap.add_argument("--new-tokens", type=_cli.positive_int, default=48, help="tokens generated after the prompt")
+  ap.add_argument("--out", type=_cli.output_dir, default="results", help="folder for demo.json")
   args = ap.parse_args(argv)
+  if args.eval_tokens and args.eval_tokens < args.seq_len:
+    ap.error(f"argument --eval-tokens: {args.eval_tokens} is less than one window of --seq-len {args.seq_len} "
+             f"(0: all tokens)")
   if args.methods is None:
     args.methods = ",".join(recipe.METHODS) if args.full else QUICK_METHODS
 
   config, params = io.load_model(args.model)
+  for option, n in (("--seq-len", args.seq_len), ("--calib-seq-len", args.calib_seq_len)):
+    if n > config.max_seq_len:
+      raise _cli.UsageError(f"argument {option}: {n} exceeds the model's max_seq_len {config.max_seq_len}")
   params = jax.tree.map(jnp.asarray, params)
   tokenizer = io.load_tokenizer(args.model)
   print(f"{args.model}: {config.n_layers} layers, d={config.dim}, {config.n_heads}/{config.n_kv_heads} heads, "
@@ -75,6 +90,16 @@ def main(argv=None) -> dict:
   with open(Path(args.out) / "demo.json", "w") as f:
     json.dump(out, f, indent=2)
   return out
+
+
+def methods_arg(text: str) -> str:
+  """argparse type: comma-separated method names of ``recipe.METHODS``."""
+  names = [n.strip() for n in text.split(",")]
+  bad = [n for n in names if n not in recipe.METHODS]
+  if bad or not names:
+    raise argparse.ArgumentTypeError(f"unknown method(s) {bad or [text]}; expected comma-separated names "
+                                     f"from {', '.join(recipe.METHODS)}")
+  return ",".join(names)
 
 
 def quant_table(config, params, calib, tokens, fp, args) -> list[dict]:
@@ -131,4 +156,4 @@ def format_table(rows, ppl_fp, eval_tokens, calib_shape) -> str:
 
 
 if __name__ == "__main__":
-  main()
+  _cli.run(main)

@@ -5,28 +5,40 @@
 
 ``--model`` is ``smollm2-135m``, a GGUF file, a Hugging Face folder, or a quantized
 checkpoint saved by ``experiments/quantize.py --save DIR``. Without ``--text-file``
-the held-out Shakespeare works are used.
+the held-out Shakespeare works are used. Arguments are checked before the model
+loads; an error prints one ``error: ...`` line (``--debug``: the traceback).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
+import sys
+from pathlib import Path
 
 from lqx import data, evaluate, io
 
+if str(Path(__file__).resolve().parent) not in sys.path:
+  sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _cli  # noqa: E402
+
 
 def main(argv=None) -> dict:
-  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--model", default="smollm2-135m")
-  ap.add_argument("--text-file", help="UTF-8 text to evaluate (default: held-out Shakespeare works)")
-  ap.add_argument("--seq-len", type=int, default=512)
-  ap.add_argument("--max-tokens", type=int, help="cap on tokens read from the start of the text")
-  ap.add_argument("--batch-size", type=int, default=4)
-  ap.add_argument("--json", help="write the results here")
+  ap = _cli.parser(__doc__)
+  ap.add_argument("--model", type=_cli.model, default="smollm2-135m",
+                  help="a named model, a .gguf file, a Hugging Face or lqx checkpoint folder")
+  ap.add_argument("--text-file", type=_cli.existing_file,
+                  help="UTF-8 text to evaluate (default: held-out Shakespeare works)")
+  ap.add_argument("--seq-len", type=_cli.seq_len, default=512, help="tokens per window")
+  ap.add_argument("--max-tokens", type=_cli.positive_int, help="cap on tokens read from the start of the text")
+  ap.add_argument("--batch-size", type=_cli.positive_int, default=4, help="windows per forward")
+  ap.add_argument("--json", type=_cli.output_file, help="write the results here")
   args = ap.parse_args(argv)
+  if args.max_tokens is not None and args.max_tokens < args.seq_len:
+    ap.error(f"argument --max-tokens: {args.max_tokens} is less than one window of --seq-len {args.seq_len}")
 
   config, params = io.load_model(args.model)
+  if args.seq_len > config.max_seq_len:
+    raise _cli.UsageError(f"argument --seq-len: {args.seq_len} exceeds the model's max_seq_len {config.max_seq_len}")
   tokenizer = io.load_tokenizer(args.model)
   if args.text_file:
     with open(args.text_file, encoding="utf-8") as f:
@@ -46,4 +58,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-  main()
+  _cli.run(main)

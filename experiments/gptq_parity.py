@@ -17,11 +17,12 @@ identical codes lqx's solver picks (per layer; the minimum over the model is
 the number to read); (b) end to end, identical codes per layer, per-layer
 relative proxy losses ``tr(dW^T H dW) / tr(W^T H W)`` (each side on its own
 Hessian), held-out perplexity of both models with one evaluator, and wall time.
+Arguments are checked before any model loads; an error prints one ``error: ...``
+line (``--debug``: the traceback).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -32,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-import gptq_reference as gr  # noqa: E402
+import _cli  # noqa: E402
 from bench_forward import torch_model  # noqa: E402
 
 from lqx import data, evaluate, io, recipe  # noqa: E402
@@ -40,6 +41,13 @@ from lqx.tree import get as _get, replace as _set  # noqa: E402
 from lqx.quant.gptq import GPTQConfig, gptq_quantize  # noqa: E402
 
 SCALE_DTYPES = {"float32": jnp.float32, "float16": jnp.float16}
+
+
+def _gr():
+  """``experiments/gptq_reference.py``, imported on first use (it imports torch, slow to load)."""
+  import gptq_reference
+
+  return gptq_reference
 
 
 def relative_proxy(w: np.ndarray, q: np.ndarray, h: np.ndarray) -> float:
@@ -65,21 +73,21 @@ def run_reference(config, params, calib, bits, group_size, *, solver, n_blocks=N
       lqx_codes = np.asarray(qa.codes())
       rec["solver_same_codes"] = float(np.mean(lqx_codes == codes.numpy().T))
       if rec["solver_same_codes"] < 0.999:  # how far is each float32 solve from a float64 one?
-        _, c64 = gr.ref_solve(w, h, bits, group_size, dtype=torch.float64)
+        _, c64 = _gr().ref_solve(w, h, bits, group_size, dtype=torch.float64)
         c64 = c64.numpy().T
         rec["f64_same_codes_lqx"] = float(np.mean(lqx_codes == c64))
         rec["f64_same_codes_reference"] = float(np.mean(codes.numpy().T == c64))
     layers[path] = rec
 
   t = time.perf_counter()
-  codes = gr.ref_pipeline(model, calib, bits, group_size, solver=solver, n_blocks=n_blocks, on_layer=on_layer,
+  codes = _gr().ref_pipeline(model, calib, bits, group_size, solver=solver, n_blocks=n_blocks, on_layer=on_layer,
                           progress=progress, **pipeline_kw)
   seconds = time.perf_counter() - t
   qparams = params
   for path in codes:
     i, rest = path.split("/", 1)
     mod = dict(model.model.layers[int(i.split("_")[1])].named_modules())[
-        {v: k for k, v in gr.LQX_NAME.items()}[rest.rsplit("/", 1)[0]]]
+        {v: k for k, v in _gr().LQX_NAME.items()}[rest.rsplit("/", 1)[0]]]
     qparams = _set(qparams, path, jnp.asarray(mod.weight.data.numpy().T))
     layers[path]["codes"] = codes[path]
   del torch
@@ -87,32 +95,42 @@ def run_reference(config, params, calib, bits, group_size, *, solver, n_blocks=N
 
 
 def main(argv=None) -> dict:
-  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--model", default="smollm2-135m")
-  ap.add_argument("--bits", type=int, nargs="+", default=[3, 4])
-  ap.add_argument("--group-size", type=int, default=128)
-  ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-  ap.add_argument("--calib-samples", type=int, default=32)
-  ap.add_argument("--calib-seq-len", type=int, default=512)
-  ap.add_argument("--eval-tokens", type=int, default=16384)
-  ap.add_argument("--eval-seq-len", type=int, default=512)
+  ap = _cli.parser(__doc__)
+  ap.add_argument("--model", type=_cli.model, default="smollm2-135m",
+                  help="a named model, a .gguf file, or a Hugging Face folder")
+  ap.add_argument("--bits", type=int, nargs="+", choices=range(2, 9), metavar="{2..8}", default=[3, 4],
+                  help="bits per weight, one run each")
+  ap.add_argument("--group-size", type=_cli.group_size, default=128, help="-1: per channel")
+  ap.add_argument("--seeds", type=_cli.nonneg_int, nargs="+", default=[0, 1, 2], help="calibration seeds")
+  ap.add_argument("--calib-samples", type=_cli.positive_int, default=32, help="calibration windows")
+  ap.add_argument("--calib-seq-len", type=_cli.seq_len, default=512, help="tokens per calibration window")
+  ap.add_argument("--eval-tokens", type=_cli.nonneg_int, default=16384, help="held-out tokens evaluated (0: all)")
+  ap.add_argument("--eval-seq-len", type=_cli.seq_len, default=512, help="tokens per evaluation window")
   ap.add_argument("--lqx-modes", nargs="+", default=["reference", "true-sequential"],
-                  choices=["reference", "true-sequential"])
-  ap.add_argument("--scale-dtypes", nargs="+", default=["float32"], choices=list(SCALE_DTYPES))
-  ap.add_argument("--reference-dir", help="a local copy of IST-DASLab/gptq: run its GPTQ/Quantizer classes")
-  ap.add_argument("--n-blocks", type=int, help="quantize only the first N blocks (both sides)")
+                  choices=["reference", "true-sequential"], help="lqx calibration pipelines")
+  ap.add_argument("--scale-dtypes", nargs="+", default=["float32"], choices=list(SCALE_DTYPES),
+                  help="lqx scale storage dtypes")
+  ap.add_argument("--reference-dir", type=_cli.existing_dir,
+                  help="a local copy of IST-DASLab/gptq: run its GPTQ/Quantizer classes")
+  ap.add_argument("--n-blocks", type=_cli.positive_int, help="quantize only the first N blocks (both sides)")
   ap.add_argument("--no-solver-check", action="store_true", help="skip (a), lqx's solver on the reference's H")
   ap.add_argument("--reference-variants", action="store_true",
                   help="also run the reference with rounding-only changes (8 sequences per forward; float64 "
                        "Hessian sums) on the first seed and evaluate them: how far the reference moves under float "
                        "rounding alone")
-  ap.add_argument("--json", help="write the results here")
+  ap.add_argument("--json", type=_cli.output_file, help="write the results here")
   args = ap.parse_args(argv)
+  if args.eval_tokens and args.eval_tokens < args.eval_seq_len:
+    ap.error(f"argument --eval-tokens: {args.eval_tokens} is less than one window of --eval-seq-len "
+             f"{args.eval_seq_len} (0: all tokens)")
 
   import torch
   torch.set_num_threads(2)
-  solver = gr.official_solver(args.reference_dir) if args.reference_dir else gr.ref_solve
+  solver = _gr().official_solver(args.reference_dir) if args.reference_dir else _gr().ref_solve
   config, params = io.load_model(args.model)
+  for option, n in (("--calib-seq-len", args.calib_seq_len), ("--eval-seq-len", args.eval_seq_len)):
+    if n > config.max_seq_len:
+      raise _cli.UsageError(f"argument {option}: {n} exceeds the model's max_seq_len {config.max_seq_len}")
   params = jax.tree.map(jnp.asarray, params)
   tokenizer = io.load_tokenizer(args.model)
   train = data.tokenize(tokenizer, data.load_text("train"))
@@ -182,4 +200,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-  main()
+  _cli.run(main)

@@ -10,27 +10,36 @@ for the decay rules wd_2 ∝ (d/d0)**e, e in {0, 0.5, 1} (``lqx.studies.mup_tran
 The full study takes about an hour on 2 CPU cores and writes its figures to
 results/; ``--quick`` runs every code path in a few minutes (figures only with
 ``--figures``). ``--replot`` re-fits and redraws a saved result without training.
+Arguments are checked before any model loads; an error prints one ``error: ...``
+line (``--debug``: the traceback).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import re
+import sys
+from pathlib import Path
 
-from lqx.studies import mup_transfer
+
+if str(Path(__file__).resolve().parent) not in sys.path:
+  sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _cli  # noqa: E402
 
 
 def main(argv=None) -> dict:
-  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap = _cli.parser(__doc__)
   ap.add_argument("--quick", action="store_true", help="small widths and grids, short runs")
   ap.add_argument("--only", choices=["llama", "synthetic"], help="run one setting only")
-  ap.add_argument("--json", help="write the results here")
-  ap.add_argument("--figures", help="folder for the figures (default: results/ without --quick)")
+  ap.add_argument("--json", type=_cli.output_file, help="write the results here")
+  ap.add_argument("--figures", type=_cli.output_dir, help="folder for the figures (default: results/ without --quick)")
   ap.add_argument("--no-progress", action="store_true", help="no progress bars")
-  ap.add_argument("--replot", help="a saved result JSON: re-fit and redraw it, no training")
+  ap.add_argument("--replot", type=_cli.existing_file, help="a saved result JSON: re-fit and redraw it, no training")
   args = ap.parse_args(argv)
+  if args.replot and (args.quick or args.only):
+    ap.error("argument --replot: redraws a saved result; --quick/--only apply to a new run")
+  from lqx.studies import mup_transfer  # after the arguments are checked: it loads slowly
 
   if args.replot:
     with open(args.replot) as f:
@@ -65,4 +74,4 @@ def _dumps(result: dict) -> str:
 
 
 if __name__ == "__main__":
-  main()
+  _cli.run(main)

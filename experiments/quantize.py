@@ -3,7 +3,7 @@
   python experiments/quantize.py --method gptq --bits 3 --group-size 64 [--act-order]
       [--no-true-sequential --scale-dtype float32]   # the reference GPTQ's llama.py pipeline
       [--calib-samples 32 --calib-seq-len 512 | --calib-tokens F.npy | --calib-text F]
-      [--save-calib-tokens F.npy] [--eval-tokens 32768] [--save DIR] [--json OUT]
+      [--save-calib-tokens F.npy] [--eval-tokens 32768] [--save DIR [--overwrite]] [--json OUT]
 
 Calibration windows are sampled (seeded) from the training works by default;
 ``--calib-text F`` samples them the same way from any UTF-8 text file, and
@@ -12,57 +12,80 @@ Calibration windows are sampled (seeded) from the training works by default;
 ``calibration_source`` and ``calibration_sha256`` (``lqx.data.tokens_sha256``), and
 ``--save-calib-tokens`` writes the (N, T) int32 windows used, to reuse elsewhere.
 Evaluation uses the held-out works or ``--text-file``. ``--save DIR`` writes an orbax
-checkpoint that ``experiments/eval_ppl.py --model DIR`` evaluates.
+checkpoint that ``experiments/eval_ppl.py --model DIR`` evaluates (an existing DIR
+needs ``--overwrite``). Arguments, input files and output destinations are checked
+before the model loads; an error prints one ``error: ...`` line (``--debug``: the traceback).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lqx import data, evaluate, io, recipe
+from lqx import data, evaluate, io, recipe, tree
 from lqx.io import checkpoint
+
+if str(Path(__file__).resolve().parent) not in sys.path:
+  sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _cli  # noqa: E402
 
 
 def main(argv=None) -> dict:
-  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--model", default="smollm2-135m")
+  ap = _cli.parser(__doc__)
+  ap.add_argument("--model", type=_cli.model, default="smollm2-135m",
+                  help="a named model, a .gguf file, or a Hugging Face folder")
   ap.add_argument("--method", choices=recipe.METHODS, default="gptq")
-  ap.add_argument("--bits", type=int, default=4)
-  ap.add_argument("--group-size", type=int, default=128, help="-1: per channel")
+  ap.add_argument("--bits", type=int, choices=range(2, 9), metavar="{2..8}", default=4)
+  ap.add_argument("--group-size", type=_cli.group_size, default=128, help="-1: per channel")
   ap.add_argument("--group-axis", choices=("oc", "ic"), default="oc", help="ignored by AdaDim (it chooses)")
   ap.add_argument("--sym", action=argparse.BooleanOptionalAction, default=False, help="--sym / --no-sym (asym)")
-  ap.add_argument("--asym", dest="sym", action="store_false")
-  ap.add_argument("--act-order", action="store_true")
-  ap.add_argument("--static-groups", action="store_true")
+  ap.add_argument("--asym", dest="sym", action="store_false", help="same as --no-sym")
+  ap.add_argument("--act-order", action="store_true", help="GPTQ: quantize rows by descending Hessian diagonal")
+  ap.add_argument("--static-groups", action="store_true", help="GPTQ: group parameters fixed before the solve")
   ap.add_argument("--mse", action="store_true", help="MSE clipping search for the scales")
   ap.add_argument("--scale-dtype", choices=("float16", "bfloat16", "float32"), default="float16",
-                  help="storage dtype of the scales (float32: the reference GPTQ's)")
+                  help="storage dtype of the scales (float32: the reference GPTQ's); kernels whose scales "
+                       "overflow it get float32 scales")
   ap.add_argument("--true-sequential", action=argparse.BooleanOptionalAction,
                   default=recipe.DEFAULT_TRUE_SEQUENTIAL,
                   help="GPTQ's --true-sequential: each stage of a block is calibrated with the earlier stages "
                        "quantized; --no-true-sequential: all Hessians of a block from one forward, as the "
                        "reference llama.py does by default")
-  ap.add_argument("--calib-samples", type=int, default=None, help="windows sampled (default 32)")
-  ap.add_argument("--calib-seq-len", type=int, default=None, help="tokens per sampled window (default 512)")
+  ap.add_argument("--calib-samples", type=_cli.positive_int, default=None, help="windows sampled (default 32)")
+  ap.add_argument("--calib-seq-len", type=_cli.seq_len, default=None,
+                  help="tokens per sampled window (default 512)")
   source = ap.add_mutually_exclusive_group()
-  source.add_argument("--calib-tokens", metavar="F.npy", help="use these exact (N, T) integer calibration "
+  source.add_argument("--calib-tokens", metavar="F.npy",
+                      help="use these exact (N, T) integer calibration "
                       "windows (np.save); --calib-samples/--calib-seq-len are then ignored")
   source.add_argument("--calib-text", metavar="F",
                       help="sample the calibration windows from this UTF-8 text file instead of the training works")
-  ap.add_argument("--save-calib-tokens", metavar="F.npy", help="write the (N, T) int32 calibration windows used")
-  ap.add_argument("--eval-tokens", type=int, default=32768, help="held-out tokens evaluated (0: all)")
-  ap.add_argument("--eval-seq-len", type=int, default=512)
-  ap.add_argument("--text-file", help="evaluation text (default: held-out Shakespeare works)")
-  ap.add_argument("--seed", type=int, default=0)
-  ap.add_argument("--save", help="write the quantized model here (orbax checkpoint)")
-  ap.add_argument("--json", help="write the results here")
+  ap.add_argument("--save-calib-tokens", metavar="F.npy", type=_cli.output_file,
+                  help="write the (N, T) int32 calibration windows used")
+  ap.add_argument("--eval-tokens", type=_cli.nonneg_int, default=32768, help="held-out tokens evaluated (0: all)")
+  ap.add_argument("--eval-seq-len", type=_cli.seq_len, default=512, help="tokens per evaluation window")
+  ap.add_argument("--text-file", type=_cli.existing_file, help="evaluation text (default: held-out Shakespeare works)")
+  ap.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
+  ap.add_argument("--save", metavar="DIR", help="write the quantized model here (orbax checkpoint)")
+  ap.add_argument("--overwrite", action="store_true", help="with --save: replace an existing checkpoint folder")
+  ap.add_argument("--json", type=_cli.output_file, help="write the results here")
   args = ap.parse_args(argv)
+  for option, path in (("--calib-tokens", args.calib_tokens), ("--calib-text", args.calib_text)):
+    if path is not None:  # checked after parsing, so that giving both is reported as such first
+      try:
+        _cli.existing_file(path)
+      except argparse.ArgumentTypeError as e:
+        ap.error(f"argument {option}: {e}")
+  _cli.check_save(ap, args.save, args.overwrite)
+  if args.eval_tokens and args.eval_tokens < args.eval_seq_len:
+    ap.error(f"argument --eval-tokens: {args.eval_tokens} is less than one window of --eval-seq-len "
+             f"{args.eval_seq_len} (0: all tokens)")
   if args.calib_tokens and (args.calib_samples is not None or args.calib_seq_len is not None):
     print(f"note: --calib-tokens {args.calib_tokens} gives the exact windows; --calib-samples/--calib-seq-len ignored")
   n_calib = 32 if args.calib_samples is None else args.calib_samples
@@ -73,6 +96,9 @@ def main(argv=None) -> dict:
                               mse=args.mse, scale_dtype=getattr(jnp, args.scale_dtype))
   config, params = io.load_model(args.model)
   params = jax.tree.map(jnp.asarray, params)
+  for option, n in (("--calib-seq-len", calib_len), ("--eval-seq-len", args.eval_seq_len)):
+    if n > config.max_seq_len:
+      raise _cli.UsageError(f"argument {option}: {n} exceeds the model's max_seq_len {config.max_seq_len}")
   tokenizer = io.load_tokenizer(args.model)
   if args.calib_tokens:
     calib = data.load_calibration_tokens(args.calib_tokens, vocab_size=config.vocab_size)
@@ -95,6 +121,9 @@ def main(argv=None) -> dict:
       evaluation = data.tokenize(tokenizer, f.read())
   else:
     evaluation = data.tokenize(tokenizer, data.load_text("heldout"))
+  if len(evaluation) < args.eval_seq_len:
+    raise _cli.UsageError(f"argument --text-file: {args.text_file or 'the held-out text'} has {len(evaluation)} "
+                          f"tokens, fewer than one window of --eval-seq-len {args.eval_seq_len}")
   max_tokens = args.eval_tokens or None
 
   qparams, report = recipe.quantize(config, params, recipe.default_recipe(method), calib,
@@ -102,6 +131,8 @@ def main(argv=None) -> dict:
   fp = evaluate.perplexity(config, params, evaluation, seq_len=args.eval_seq_len, max_tokens=max_tokens)
   q = evaluate.perplexity(config, qparams, evaluation, seq_len=args.eval_seq_len, max_tokens=max_tokens)
   axes = sorted({l.group_axis for l in report.layers})
+  wide = [l.name for l in report.layers  # kernels whose scales overflowed --scale-dtype (float32 instead)
+          if np.dtype(getattr(tree.get(qparams, l.name), "scale_dtype", args.scale_dtype)) != args.scale_dtype]
   out = {
       "model": str(args.model), "method": args.method, "bits": args.bits, "group_size": args.group_size,
       "group_axis": args.group_axis if not args.method.startswith("adadim") else "adaptive",
@@ -111,7 +142,7 @@ def main(argv=None) -> dict:
       "calib_samples": int(calib.shape[0]), "calib_seq_len": int(calib.shape[1]), "seed": args.seed,
       "calibration_source": calib_source, "calibration_sha256": report.calibration_sha256,
       "quantize_seconds": report.seconds, "timings": report.timings, "axes_used": axes,
-      "scale_dtype": args.scale_dtype, "true_sequential": args.true_sequential,
+      "scale_dtype": args.scale_dtype, "float32_scale_layers": wide, "true_sequential": args.true_sequential,
       "layers": [{"name": l.name, "error": l.error, "error_kind": l.error_kind, "group_axis": l.group_axis,
                   "bits_per_weight": l.bits_per_weight, "candidates": l.candidates, "skipped": l.skipped}
                  for l in report.layers],
@@ -121,10 +152,13 @@ def main(argv=None) -> dict:
   if args.method.startswith("adadim"):
     n_ic = sum(l.group_axis == "ic" for l in report.layers)
     print(f"AdaDim chose per-IC for {n_ic} of {len(report.layers)} layers")
+  if wide:
+    print(f"{len(wide)} layers have float32 scales ({args.scale_dtype} would overflow): {', '.join(wide)}")
   if args.save:
     source = args.model if args.model in io.NAMED_MODELS else str(Path(args.model).resolve())
     meta = {k: v for k, v in out.items() if k != "layers"}
-    path = checkpoint.save(args.save, config, qparams, metadata={**meta, "source_model": source})
+    path = checkpoint.save(args.save, config, qparams, metadata={**meta, "source_model": source},
+                           overwrite=args.overwrite)
     print(f"saved to {path}")
   if args.json:
     with open(args.json, "w") as f:
@@ -133,4 +167,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-  main()
+  _cli.run(main)

@@ -10,6 +10,8 @@ sampler); every run is evaluated on the same first ``--eval-tokens`` held-out to
 GPTQ runs in each pipeline and scale dtype; AdaDim-GPTQ in the default pipeline with
 float16 scales; RTN needs no calibration, so it runs once per setting. Runs already in
 a ``gptq_parity.py`` JSON (same settings and seeds) are taken from it, not rerun.
+Arguments are checked before any model loads; an error prints one ``error: ...``
+line (``--debug``: the traceback).
 """
 
 from __future__ import annotations
@@ -17,12 +19,17 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
 from lqx import data, evaluate, io, recipe
+
+if str(Path(__file__).resolve().parent) not in sys.path:
+  sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _cli  # noqa: E402
 
 SCALE_DTYPES = {"float16": jnp.float16, "float32": jnp.float32}
 DEFAULT_PIPELINE = "true-sequential" if recipe.DEFAULT_TRUE_SEQUENTIAL else "reference"
@@ -75,27 +82,47 @@ def from_parity(path: str) -> list[dict]:
   return runs
 
 
+def parse_setting(text: str) -> str:
+  """argparse type: ``bits:group_size``, bits in 2..8 and group_size a positive int or -1."""
+  try:
+    bits, g = (int(v) for v in text.split(":"))
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected bits:group_size (e.g. 3:128), got {text!r}") from None
+  if not 2 <= bits <= 8 or (g != -1 and g < 1):
+    raise argparse.ArgumentTypeError(f"expected bits in 2..8 and group_size > 0 or -1, got {text!r}")
+  return text
+
+
 def main(argv=None) -> dict:
-  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--model", default="smollm2-135m")
-  ap.add_argument("--settings", nargs="*", default=["3:128", "3:64", "4:128"],
+  ap = _cli.parser(__doc__)
+  ap.add_argument("--model", type=_cli.model, default="smollm2-135m",
+                  help="a named model, a .gguf file, or a Hugging Face folder")
+  ap.add_argument("--settings", nargs="*", type=parse_setting, default=["3:128", "3:64", "4:128"],
                   help="bits:group_size (none: only summarize --from-parity)")
-  ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-  ap.add_argument("--methods", nargs="+", default=["rtn", "gptq", "adadim-gptq"])
+  ap.add_argument("--seeds", type=_cli.nonneg_int, nargs="+", default=[0, 1, 2], help="calibration seeds")
+  ap.add_argument("--methods", nargs="+", choices=recipe.METHODS, default=["rtn", "gptq", "adadim-gptq"],
+                  help="methods run at every setting")
   ap.add_argument("--pipelines", nargs="+", default=["true-sequential", "reference"],
                   choices=["true-sequential", "reference"], help="for GPTQ")
   ap.add_argument("--scale-dtypes", nargs="+", default=["float16", "float32"], choices=list(SCALE_DTYPES),
                   help="for GPTQ")
-  ap.add_argument("--calib-samples", type=int, default=32)
-  ap.add_argument("--calib-seq-len", type=int, default=512)
-  ap.add_argument("--eval-tokens", type=int, default=16384)
-  ap.add_argument("--from-parity", nargs="*", default=[], help="gptq_parity.py JSONs whose runs to reuse")
-  ap.add_argument("--json", help="write runs and summary here (rewritten after every run)")
+  ap.add_argument("--calib-samples", type=_cli.positive_int, default=32, help="calibration windows")
+  ap.add_argument("--calib-seq-len", type=_cli.seq_len, default=512, help="tokens per calibration window")
+  ap.add_argument("--eval-tokens", type=_cli.int_at_least(512, "an int >= 512 (one window of 512 tokens)"),
+                  default=16384, help="held-out tokens evaluated (windows of 512)")
+  ap.add_argument("--from-parity", nargs="*", type=_cli.existing_file, default=[],
+                  help="gptq_parity.py JSONs whose runs to reuse")
+  ap.add_argument("--json", type=_cli.output_file, help="write runs and summary here (rewritten after every run)")
   ap.add_argument("--resume", action="store_true", help="keep the runs already in --json (skip them)")
-  ap.add_argument("--md", help="write the summary table here")
+  ap.add_argument("--md", type=_cli.output_file, help="write the summary table here")
   args = ap.parse_args(argv)
+  if args.resume and not args.json:
+    ap.error("argument --resume: needs --json (the file whose runs to keep)")
 
   config, params = io.load_model(args.model)
+  if args.calib_seq_len > config.max_seq_len:
+    raise _cli.UsageError(f"argument --calib-seq-len: {args.calib_seq_len} exceeds the model's max_seq_len "
+                          f"{config.max_seq_len}")
   params = jax.tree.map(jnp.asarray, params)
   tok = io.load_tokenizer(args.model)
   train = data.tokenize(tok, data.load_text("train"))
@@ -149,4 +176,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-  main()
+  _cli.run(main)

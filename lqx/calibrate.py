@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from lqx import nn, tree
+from lqx import data, nn, tree
 from lqx.models import llama
 from lqx.quant import hessian
 from lqx.quant.gptq import proxy_loss
@@ -207,11 +207,11 @@ def quantize_sequential(config: llama.LlamaConfig, params: dict, targets: dict, 
   linears come from one forward of the unquantized block. Returns new params (the
   input is not mutated), one ``LayerReport`` per quantized kernel in quantization
   order, and wall-time seconds by phase (``embed``, ``forward``, ``hessian``,
-  ``solve``; compilation is inside the phase that triggered it).
+  ``solve``; compilation is inside the phase that triggered it). Raises ``ValueError``
+  unless ``tokens`` holds ids in ``[0, vocab_size)``, N >= 1 and 2 <= T <= ``config.max_seq_len``.
   """
-  tokens = np.asarray(tokens, np.int32)
-  if tokens.ndim != 2 or tokens.shape[0] == 0:
-    raise ValueError(f"calibration tokens must be (n_samples, seq_len), got shape {tokens.shape}")
+  tokens = llama.check_tokens(config, tokens, name="tokens", min_len=2)
+  batch_size = data.check_count(batch_size, "batch_size")
   timings: dict = {}
   batches = [jnp.asarray(tokens[i: i + batch_size]) for i in range(0, len(tokens), batch_size)]
   xs = _timed(timings, "embed", lambda: [_embed(config, params, b) for b in batches])
@@ -338,12 +338,26 @@ def _call_order(units: Units, name: str, p, x) -> list[str]:
   return order
 
 
+def _check_batches(batches, name: str = "batches") -> list:
+  """``batches`` as a list; ``ValueError`` if it is empty or a batch has no rows (model inputs, any dtype)."""
+  batches = list(batches)
+  if not batches:
+    raise ValueError(f"{name} is empty: calibration needs at least one batch of model inputs")
+  for i, b in enumerate(batches):
+    leaves = jax.tree.leaves(b)
+    if not leaves or any(np.size(x) == 0 for x in leaves):
+      shapes = [tuple(np.shape(x)) for x in leaves]
+      raise ValueError(f"{name}[{i}] is empty (shapes {shapes}): every batch needs at least one non-empty row")
+  return batches
+
+
 def capture(units: Units, params, batches, paths=None) -> dict:
   """``{kernel path: {"hessian": H}}`` on the float model, nothing quantized.
 
   ``batches``: iterable of model inputs; ``paths``: kernel paths to capture (default:
   every linear the units report). Unit i is fed by the float units 0..i-1.
   """
+  batches = _check_batches(batches)
   xs = [b if units.first is None else units.first(params, b) for b in batches]
   out = {}
   for name in units.names:
@@ -366,6 +380,7 @@ def quantize_units(units: Units, params, targets: dict, batches, *, true_sequent
   forward of the float unit. Methods that choose between candidates are judged on
   the linear's own output (exact from H). Returns ``(qparams, reports)``.
   """
+  batches = _check_batches(batches)
   xs = [b if units.first is None else units.first(params, b) for b in batches]
   done = set()
   reports = []

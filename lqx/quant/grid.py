@@ -15,10 +15,17 @@ Parameters follow reference GPTQ's ``Quantizer.find_params`` (IST-DASLab/gptq
 
 The one departure: each scale is rounded to its storage dtype before the zero
 point and the codes are computed (``lqx.affine.round_scale``); with
-``scale_dtype=float32`` this is the reference exactly.
+``scale_dtype=float32`` this is the reference exactly. A scale outside the storage
+dtype's range (float16: a group spanning more than ``65504 * maxq``, e.g. weights
+near 3e5 at 3 bits, or tiny non-zero weights) would be clipped: the methods check
+:func:`scales_out_of_range` on the result and redo that kernel with float32 scales,
+warning once (:func:`warn_scale_fallback`) and recording it in their ``info``
+(:func:`fallback_info`).
 """
 
 from __future__ import annotations
+
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -115,3 +122,35 @@ def find_params(x: jax.Array, *, bits: int, sym: bool, axis, mse: bool = False,
   init = (jnp.full(scale.shape, jnp.inf, jnp.float32), scale, zero)
   _, scale, zero = jax.lax.fori_loop(0, shrink.shape[0], body, init)
   return scale, zero
+
+
+FALLBACK_SCALE_DTYPE = np.dtype(np.float32)
+
+
+def scales_out_of_range(scale, scale_dtype) -> bool:
+  """Whether stored scales of ``scale_dtype`` sit at a clip bound of ``affine.round_scale``.
+
+  True when some group's scale overflowed the dtype (float16: > 65504) or fell below
+  its smallest subnormal (non-zero weights that would round to a zero scale): that
+  group's range is lost. Always False for float32. ``scale`` must be concrete.
+  """
+  dt = affine.check_scale_dtype(scale_dtype)
+  if dt == FALLBACK_SCALE_DTYPE or isinstance(scale, jax.core.Tracer):
+    return False
+  lo, hi = affine.scale_bounds(dt)
+  s = np.asarray(jnp.asarray(scale, jnp.float32))
+  return bool(np.any(s >= hi) or np.any(s <= lo))
+
+
+def warn_scale_fallback(scale_dtype) -> None:
+  """Warn (once per process and dtype: Python's default warning filter) that kernels fell back to float32 scales."""
+  dt = affine.check_scale_dtype(scale_dtype)
+  lo, hi = affine.scale_bounds(dt)
+  warnings.warn(f"{dt.name} scales out of range for some weight groups (scale > {hi:g} or < {lo:g}, e.g. weights "
+                f"beyond ~{hi:g} * maxq / 2); those kernels are quantized with float32 scales instead (the method's "
+                f"info['scale_dtype'] and QArray.scale_dtype say which)", UserWarning, stacklevel=3)
+
+
+def fallback_info(scale_dtype) -> dict:
+  """The ``info`` entries of a kernel that fell back from ``scale_dtype`` to float32 scales."""
+  return {"scale_dtype": FALLBACK_SCALE_DTYPE.name, "scale_dtype_requested": affine.check_scale_dtype(scale_dtype).name}

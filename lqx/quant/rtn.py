@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from lqx.formats import affine
 from lqx.formats.affine import QArray
-
+from lqx.quant import grid
 from lqx.quant.grid import check_kernel, check_layout_config, find_params  # noqa: F401 (shared grid)
 
 
@@ -46,7 +46,8 @@ class RTNConfig:
   def quantize(self, w: jax.Array, stats: dict | None = None, *, name: str | None = None, **_) -> tuple[QArray, dict]:
     """Method protocol (``lqx.quant``): ``(QArray, {})``; errors name the param path ``name``."""
     try:
-      return rtn_quantize(w, self), {}
+      q = rtn_quantize(w, self)
+      return q, ({} if q.scale_dtype == self.scale_dtype else grid.fallback_info(self.scale_dtype))
     except ValueError as e:
       raise ValueError(f"{name}: {e}" if name else str(e)) from e
 
@@ -75,7 +76,13 @@ def rtn_quantize(w: jax.Array, config: RTNConfig) -> QArray:
   Scales have shape ``(ceil(IC/g), OC)`` for per-OC groups (the last group
   may be shorter), ``(IC, OC/g)`` for per-IC groups (``g`` must divide OC),
   ``(1, 1)`` per tensor (``lqx.formats.affine``). Jittable with
-  ``config`` static; NaN/Inf checks run only on concrete inputs.
+  ``config`` static; NaN/Inf checks run only on concrete inputs. On concrete inputs,
+  a kernel whose scales fall outside ``config.scale_dtype``'s range is quantized with
+  float32 scales instead, with a warning (``lqx.quant.grid.scales_out_of_range``).
   """
   check_kernel(w, config.group_size, config.group_axis)
-  return _rtn(w, config)
+  q = _rtn(w, config)
+  if grid.scales_out_of_range(q.scale, config.scale_dtype):
+    grid.warn_scale_fallback(config.scale_dtype)
+    q = _rtn(w, dataclasses.replace(config, scale_dtype=grid.FALLBACK_SCALE_DTYPE))
+  return q
