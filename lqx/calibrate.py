@@ -311,8 +311,8 @@ def _put(params, name: str, value):
 
 
 def _hessians(run, p, xs, paths) -> dict:
-  """Path -> H of each kernel path inside a unit, over the batches ``xs`` (kernels reading
-  the same input array share one accumulation)."""
+  """Path -> H of each kernel path inside a unit, over the batches ``xs`` (one accumulation
+  per path, even where two linears read the same input)."""
   states: dict = {}
   for x in xs:
     _, inputs = run(p, x)
