@@ -26,6 +26,9 @@ import jax
 import numpy as np
 
 from lqx.formats.affine import QArray
+from lqx.formats.codebook import Codebook
+from lqx.formats.lowrank import LowRank
+from lqx.formats.sparse import Sparse
 
 
 @runtime_checkable
@@ -74,3 +77,6 @@ def is_quantized(x) -> bool:
 
 
 register("affine", QArray)
+register("codebook", Codebook)
+register("lowrank", LowRank)
+register("sparse", Sparse)
