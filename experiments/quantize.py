@@ -1,6 +1,9 @@
-"""Quantize a model with RTN, GPTQ or AdaDim and compare held-out perplexity.
+"""Quantize a model with any registered method and compare held-out perplexity.
 
   python experiments/quantize.py --method gptq --bits 3 --group-size 64 [--act-order]
+  python experiments/quantize.py --method squeezellm --bits 3 [--sensitive-frac 0.0005 --outlier-frac 0.004]
+      [--fisher F.npz]                                # SqueezeLLM; Fisher from calibration, or this cache
+  python experiments/quantize.py --method gptq+wlorc --bits 3 --rank 8 [--factor-bits 8|16]
       [--no-true-sequential --scale-dtype float32]   # the reference GPTQ's llama.py pipeline
       [--calib-samples 32 --calib-seq-len 512 | --calib-tokens F.npy | --calib-text F]
       [--save-calib-tokens F.npy] [--eval-tokens 32768] [--save DIR [--overwrite]] [--json OUT]
@@ -52,6 +55,16 @@ def main(argv=None) -> dict:
   ap.add_argument("--scale-dtype", choices=("float16", "bfloat16", "float32"), default="float16",
                   help="storage dtype of the scales (float32: the reference GPTQ's); kernels whose scales "
                        "overflow it get float32 scales")
+  ap.add_argument("--sensitive-frac", type=float, default=0.0,
+                  help="SqueezeLLM: fraction of weights (most Fisher-sensitive) kept sparse (paper: 0.0005)")
+  ap.add_argument("--outlier-frac", type=float, default=0.0,
+                  help="SqueezeLLM: fraction of magnitude outliers kept sparse (paper: 0.004)")
+  ap.add_argument("--fisher", metavar="F.npz", type=_cli.existing_file,
+                  help="SqueezeLLM: diagonal Fisher saved by experiments/sensitivity.py --save-fisher "
+                       "(default: computed from the calibration windows)")
+  ap.add_argument("--rank", type=_cli.positive_int, default=8, help="LoRC (+lorc, +wlorc): rank of the error factors")
+  ap.add_argument("--factor-bits", type=int, choices=(8, 16), default=8,
+                  help="LoRC: factors stored as int8 (per-row scales) or float16")
   ap.add_argument("--true-sequential", action=argparse.BooleanOptionalAction,
                   default=recipe.DEFAULT_TRUE_SEQUENTIAL,
                   help="GPTQ's --true-sequential: each stage of a block is calibrated with the earlier stages "
@@ -91,9 +104,26 @@ def main(argv=None) -> dict:
   n_calib = 32 if args.calib_samples is None else args.calib_samples
   calib_len = 512 if args.calib_seq_len is None else args.calib_seq_len
 
-  method = recipe.make_method(args.method, bits=args.bits, group_size=args.group_size, group_axis=args.group_axis,
-                              sym=args.sym, act_order=args.act_order, static_groups=args.static_groups,
-                              mse=args.mse, scale_dtype=getattr(jnp, args.scale_dtype))
+  options = {}
+  if args.method.split("+")[0] == "squeezellm":
+    options.update(sensitive_frac=args.sensitive_frac, outlier_frac=args.outlier_frac)
+  elif args.sensitive_frac or args.outlier_frac:
+    ap.error(f"--sensitive-frac/--outlier-frac are SqueezeLLM options; --method {args.method} takes neither")
+  if "+" in args.method:
+    options.update(rank=args.rank, factor_bits=args.factor_bits)
+  try:
+    method = recipe.make_method(args.method, bits=args.bits, group_size=args.group_size,
+                                group_axis=args.group_axis, sym=args.sym, act_order=args.act_order,
+                                static_groups=args.static_groups, mse=args.mse,
+                                scale_dtype=getattr(jnp, args.scale_dtype), **options)
+  except ValueError as e:
+    ap.error(str(e))
+  fisher = None
+  if args.fisher:
+    if "fisher" not in method.stats:
+      ap.error(f"--fisher is for methods that use the Fisher (SqueezeLLM); --method {args.method} does not")
+    from lqx.quant import fisher as fisher_lib  # noqa: PLC0415
+    fisher = fisher_lib.load_fisher(args.fisher)
   config, params = io.load_model(args.model)
   params = jax.tree.map(jnp.asarray, params)
   for option, n in (("--calib-seq-len", calib_len), ("--eval-seq-len", args.eval_seq_len)):
@@ -127,14 +157,15 @@ def main(argv=None) -> dict:
   max_tokens = args.eval_tokens or None
 
   qparams, report = recipe.quantize(config, params, recipe.default_recipe(method), calib,
-                                    true_sequential=args.true_sequential)
+                                    true_sequential=args.true_sequential, fisher=fisher)
   fp = evaluate.perplexity(config, params, evaluation, seq_len=args.eval_seq_len, max_tokens=max_tokens)
   q = evaluate.perplexity(config, qparams, evaluation, seq_len=args.eval_seq_len, max_tokens=max_tokens)
   axes = sorted({l.group_axis for l in report.layers})
   wide = [l.name for l in report.layers  # kernels whose scales overflowed --scale-dtype (float32 instead)
           if np.dtype(getattr(tree.get(qparams, l.name), "scale_dtype", args.scale_dtype)) != args.scale_dtype]
   out = {
-      "model": str(args.model), "method": args.method, "bits": args.bits, "group_size": args.group_size,
+      "model": str(args.model), "method": args.method, "method_name": method.name, "options": options,
+      "bits": args.bits, "group_size": args.group_size,
       "group_axis": args.group_axis if not args.method.startswith("adadim") else "adaptive",
       "sym": args.sym, "act_order": args.act_order, "bits_per_weight": report.bits_per_weight,
       "ppl_fp": fp.ppl, "ppl_q": q.ppl, "paired": evaluate.paired_difference(fp, q),

@@ -49,6 +49,7 @@ class LayerReport:
   candidates: dict = dataclasses.field(default_factory=dict)  # AdaDim: axis -> judged output MSE
   skipped: list = dataclasses.field(default_factory=list)  # AdaDim: axes that did not fit, and why
   damp: float | None = None  # GPTQ: relative damping used
+  fisher_error: float | None = None  # SqueezeLLM: sum F (W - Q)^2 over the dense entries
 
 
 def report(path: str, method, w: jax.Array, q, info: dict, h: jax.Array | None, seconds: float) -> LayerReport:
@@ -58,11 +59,14 @@ def report(path: str, method, w: jax.Array, q, info: dict, h: jax.Array | None, 
     err, kind = relative_output_error(w, deq, h, info.get("proxy_loss")), "output"
   else:
     err, kind = float(relative_weight_error(w, deq)), "weight"
-  return LayerReport(name=path, method=method.name, bits=method.bits, group_size=getattr(q, "group_size", None),
-                     group_axis=info.get("group_axis", getattr(q, "group_axis", None)),
+  inner = q
+  while hasattr(inner, "base"):  # wrapper formats (sparse, low-rank) around the one holding the codes
+    inner = inner.base
+  return LayerReport(name=path, method=method.name, bits=method.bits, group_size=getattr(inner, "group_size", None),
+                     group_axis=info.get("group_axis", getattr(inner, "group_axis", None)),
                      bits_per_weight=q.bits_per_weight, error=err, error_kind=kind, seconds=seconds,
                      numel=int(w.size), candidates=info.get("candidates", {}), skipped=info.get("skipped", []),
-                     damp=info.get("damp"))
+                     damp=info.get("damp"), fisher_error=info.get("fisher_error"))
 
 
 def relative_output_error(w: jax.Array, q: jax.Array, h: jax.Array, num: float | None = None) -> float:
@@ -150,15 +154,17 @@ def _shared_solves(p, todo, targets, stats) -> dict:
   return out
 
 
-def _quantize_one(config, p, lin: str, path: str, method, h, taps, judge, solved: dict | None = None):
+def _quantize_one(config, p, lin: str, path: str, method, h, taps, judge, solved: dict | None = None,
+                  extra: dict | None = None):
   """``(kernel, LayerReport)`` of block linear ``lin`` of dense block params ``p``.
 
   ``solved``: config -> ``(kernel, info)`` made by a shared solve. Methods that
-  choose between candidates get a judge over ``taps`` (``_judge``).
+  choose between candidates get a judge over ``taps`` (``_judge``). ``extra``: more
+  statistics of this kernel (e.g. ``{"fisher": F}``).
   """
   w = tree.get(p, lin + "/kernel")
   t0 = time.perf_counter()
-  q, info = method.quantize(w, {"hessian": h}, name=path, solved=solved,
+  q, info = method.quantize(w, {"hessian": h, **(extra or {})}, name=path, solved=solved,
                             judge=lambda probes: _judge(config, p, lin, judge, w, h, taps, probes))
   shared = bool(solved) and not info.get("candidates")
   return q, report(path, method, w, q, info, h, info.get("seconds", 0.0) if shared else time.perf_counter() - t0)
@@ -196,7 +202,7 @@ def _timed(timings: dict, key: str, fn):
 
 
 def quantize_sequential(config: llama.LlamaConfig, params: dict, targets: dict, tokens: np.ndarray, *,
-                        batch_size: int = 8, true_sequential: bool = False,
+                        batch_size: int = 8, true_sequential: bool = False, stats: dict | None = None,
                         progress: bool = True) -> tuple[dict, list[LayerReport], dict]:
   """Quantizes the block linears in ``targets`` (param path -> method config) block by block.
 
@@ -207,7 +213,9 @@ def quantize_sequential(config: llama.LlamaConfig, params: dict, targets: dict, 
   linears come from one forward of the unquantized block. Returns new params (the
   input is not mutated), one ``LayerReport`` per quantized kernel in quantization
   order, and wall-time seconds by phase (``embed``, ``forward``, ``hessian``,
-  ``solve``; compilation is inside the phase that triggered it). Raises ``ValueError``
+  ``solve``; compilation is inside the phase that triggered it). ``stats``: path ->
+  statistics taken before calibration (e.g. ``{"fisher": F}``), passed to the methods
+  beside the Hessian. Raises ``ValueError``
   unless ``tokens`` holds ids in ``[0, vocab_size)``, N >= 1 and 2 <= T <= ``config.max_seq_len``.
   """
   tokens = llama.check_tokens(config, tokens, name="tokens", min_len=2)
@@ -259,7 +267,8 @@ def quantize_sequential(config: llama.LlamaConfig, params: dict, targets: dict, 
       timings["solve"] = timings.get("solve", 0.0) + time.perf_counter() - t
       for lin, path in todo:
         t = time.perf_counter()
-        q, rep = _quantize_one(config, dense, lin, path, targets[path], h, taps, stage.judge, solved.get(path))
+        q, rep = _quantize_one(config, dense, lin, path, targets[path], h, taps, stage.judge, solved.get(path),
+                               (stats or {}).get(path))
         timings["solve"] = timings.get("solve", 0.0) + time.perf_counter() - t
         p, dense = tree.replace(p, lin + "/kernel", q), tree.replace(dense, lin + "/kernel", q.dequantize())
         reports.append(rep)
@@ -371,14 +380,15 @@ def capture(units: Units, params, batches, paths=None) -> dict:
 
 
 def quantize_units(units: Units, params, targets: dict, batches, *, true_sequential: bool = True,
-                   progress: bool = True) -> tuple[dict, list[LayerReport]]:
+                   stats: dict | None = None, progress: bool = True) -> tuple[dict, list[LayerReport]]:
   """Quantizes the kernels in ``targets`` (path -> method) unit by unit, as GPTQ does.
 
   Unit i's inputs come from units 0..i-1 already quantized. Inside a unit, with
   ``true_sequential`` each linear's Hessian is taken with the linears before it
   quantized (the unit is rerun once per linear); otherwise all come from one
   forward of the float unit. Methods that choose between candidates are judged on
-  the linear's own output (exact from H). Returns ``(qparams, reports)``.
+  the linear's own output (exact from H). ``stats``: path -> statistics taken before
+  calibration (e.g. ``{"fisher": F}``), passed beside the Hessian. Returns ``(qparams, reports)``.
   """
   batches = _check_batches(batches)
   xs = [b if units.first is None else units.first(params, b) for b in batches]
@@ -403,7 +413,7 @@ def quantize_units(units: Units, params, targets: dict, batches, *, true_sequent
       h = _hessians(run, dense, xs, [k])[k] if true_sequential else hs[k]
       w = tree.get(dense, k)
       t0 = time.perf_counter()
-      q, info = method.quantize(w, {"hessian": h}, name=path, judge=lambda probes: _own_output_mse(w, h, probes))
+      q, info = method.quantize(w, {"hessian": h, **(stats or {}).get(path, {})}, name=path, judge=lambda probes: _own_output_mse(w, h, probes))
       reports.append(report(path, method, w, q, info, h, time.perf_counter() - t0))
       p, dense = tree.replace(p, k, q), tree.replace(dense, k, q.dequantize())
       done.add(path)

@@ -91,7 +91,7 @@ class QuantReport:
 
 def quantize(config: llama.LlamaConfig | calibrate.Units | None, params: dict, recipe,
              calibration_tokens: np.ndarray | None = None,
-             *, batch_size: int = 8, true_sequential: bool | None = None,
+             *, batch_size: int = 8, true_sequential: bool | None = None, fisher: dict | None = None,
              progress: bool = True) -> tuple[dict, QuantReport]:
   """Quantizes ``params`` by ``recipe``; returns ``(qparams, report)``. Pure: ``params`` is untouched.
 
@@ -99,8 +99,10 @@ def quantize(config: llama.LlamaConfig | calibrate.Units | None, params: dict, r
   model as ``calibrate.Units`` (``lqx.adapters.nnx_units`` / ``linen_units``;
   ``calibrate.quantize_units``), or None for data-free methods on any pytree.
   ``calibration_tokens``: (N, ...) model inputs, (N, T) token ids for LLaMA; needed
-  by methods with ``stats`` (GPTQ, AdaDim); RTN alone runs without them (its report
-  then gives weight errors instead of output errors). Linears inside the units are
+  by methods with ``stats`` (GPTQ, AdaDim, SqueezeLLM without ``fisher``); RTN alone
+  runs without them. Reports give output errors for calibrated kernels and weight
+  errors otherwise (data-free methods, or when no method needs a Hessian: SqueezeLLM
+  alone is then applied kernel by kernel, as it does not depend on calibration order). Linears inside the units are
   calibrated; other matched leaves (e.g. the embedding) take a data-free method.
   ``true_sequential`` picks the calibration pipeline (None: ``DEFAULT_TRUE_SEQUENTIAL``
   for LLaMA, True for ``Units``). The report's ``calibration_sha256`` is
@@ -118,41 +120,46 @@ def quantize(config: llama.LlamaConfig | calibrate.Units | None, params: dict, r
       raise ValueError(f"calibration_tokens is empty (shape {np.shape(calibration_tokens)}): expected "
                        f"(n_samples, ...) model inputs with n_samples >= 1")
   targets = match(recipe, params)
-  needs_data = {m.name for m in targets.values() if m.stats}
+  needs_data = {m.name for m in targets.values() if "hessian" in m.stats or ("fisher" in m.stats and fisher is None)}
   if needs_data and calibration_tokens is None:
     raise ValueError(f"methods {sorted(needs_data)} need calibration_tokens (n_samples, ...)")
   if needs_data and not isinstance(config, (llama.LlamaConfig, calibrate.Units)):
     raise ValueError(f"methods {sorted(needs_data)} need the model to calibrate: pass a LlamaConfig or "
                      f"lqx.calibrate.Units (e.g. lqx.adapters.nnx_units(model)) as config, "
                      f"got {type(config).__name__}")
+  t = time.perf_counter()
+  stats = _fisher_stats(config, params, targets, calibration_tokens, fisher, progress)
+  timings = {"fisher": time.perf_counter() - t} if stats else {}
   if isinstance(config, calibrate.Units):
     in_units = re.compile("|".join(re.escape(n) + "/.*" if n else ".*" for n in config.names))
   else:
     in_units = re.compile(r"layers_\d+/.*")
   in_blocks = {k: v for k, v in targets.items() if in_units.fullmatch(k)}
   outside = {k: v for k, v in targets.items() if k not in in_blocks}
-  reports, timings, pipeline = [], {}, None
+  reports, pipeline = [], None
   qparams = params
-  if not in_blocks or calibration_tokens is None or config is None:
+  if not in_blocks or calibration_tokens is None or config is None or not any(
+      "hessian" in m.stats for m in in_blocks.values()):  # no Hessian needed: nothing to calibrate in order
     outside = targets
   elif isinstance(config, calibrate.Units):
     inputs = np.asarray(calibration_tokens)
     batches = [jnp.asarray(inputs[i: i + batch_size]) for i in range(0, len(inputs), batch_size)]
     pipeline = True if true_sequential is None else true_sequential
-    qparams, reports = calibrate.quantize_units(config, params, in_blocks, batches,
-                                                true_sequential=pipeline, progress=progress)
+    qparams, reports = calibrate.quantize_units(config, params, in_blocks, batches, true_sequential=pipeline,
+                                                stats=stats, progress=progress)
   else:
     pipeline = DEFAULT_TRUE_SEQUENTIAL if true_sequential is None else true_sequential
-    qparams, reports, timings = calibrate.quantize_sequential(
+    qparams, reports, phases = calibrate.quantize_sequential(
         config, params, in_blocks, calibration_tokens, batch_size=batch_size,
-        true_sequential=pipeline, progress=progress)
+        true_sequential=pipeline, stats=stats, progress=progress)
+    timings.update(phases)
   for path, method in outside.items():
-    if method.stats:
-      raise ValueError(f"{path}: only data-free methods (e.g. RTN) apply outside the model's units, "
-                       f"got {method.name} (needs {', '.join(method.stats)})")
+    if "hessian" in method.stats:
+      raise ValueError(f"{path}: only methods without Hessians (e.g. RTN, SqueezeLLM) apply outside the "
+                       f"model's units, got {method.name} (needs {', '.join(method.stats)})")
     t = time.perf_counter()
     w = tree.get(qparams, path)
-    q, info = method.quantize(w, {}, name=path)
+    q, info = method.quantize(w, stats.get(path, {}), name=path)
     qparams = tree.replace(qparams, path, q)
     reports.append(calibrate.report(path, method, w, q, info, None, time.perf_counter() - t))
   ntok = 0 if calibration_tokens is None else int(np.asarray(calibration_tokens).size)
@@ -162,18 +169,42 @@ def quantize(config: llama.LlamaConfig | calibrate.Units | None, params: dict, r
                               calibration_sha256=sha, true_sequential=pipeline, timings=timings)
 
 
+def _fisher_stats(config, params, targets: dict, tokens, fisher: dict | None, progress: bool) -> dict:
+  """Path -> ``{"fisher": (IC, OC) float32}`` for the targets whose method needs it (else ``{}``)."""
+  paths = sorted(p for p, m in targets.items() if "fisher" in m.stats)
+  if not paths:
+    return {}
+  if fisher is None:
+    if not isinstance(config, llama.LlamaConfig):
+      raise ValueError(f"{paths[0]}: its method needs the diagonal Fisher; for a model other than the LLaMA "
+                       f"decoder pass fisher={{path: (IC, OC) array}} (lqx.quant.fisher.diagonal_fisher)")
+    from lqx.quant import fisher as fisher_lib  # noqa: PLC0415 (autodiff only when a method needs it)
+    fisher = fisher_lib.llama_fisher(config, params, tokens, paths=paths, progress=progress)
+  out = {}
+  for p in paths:
+    if p not in fisher:
+      raise ValueError(f"fisher has no entry for {p} (it has {len(fisher)} paths, e.g. {sorted(fisher)[:2]})")
+    f, shape = jnp.asarray(fisher[p], jnp.float32), tuple(tree.get(params, p).shape)
+    if f.shape != shape:
+      raise ValueError(f"fisher[{p!r}] has shape {f.shape}; the kernel is {shape}")
+    out[p] = {"fisher": f}
+  return out
+
+
 METHODS = tuple(quant.METHODS)  # the registry's names (CLI choices)
 
 
 def make_method(name: str, *, bits: int, group_size: int = 128, group_axis: str = "oc", sym: bool = False,
                 act_order: bool = False, static_groups: bool = False, mse: bool = False,
-                scale_dtype=jnp.float16) -> Method:
-  """A method config from its CLI name (``lqx.quant.METHODS``). AdaDim ignores ``group_axis``."""
+                scale_dtype=jnp.float16, **options) -> Method:
+  """A method config from its CLI name (``lqx.quant.METHODS``). AdaDim ignores ``group_axis``;
+  SqueezeLLM ignores the affine layout options. ``options``: method-specific settings
+  (SqueezeLLM ``sensitive_frac``/``outlier_frac``, LoRC ``rank``/``factor_bits``)."""
   if name not in quant.METHODS:
     raise ValueError(f"method must be one of {tuple(quant.METHODS)}, got {name!r}")
   opts = dict(bits=bits, group_size=group_size, group_axis=group_axis, sym=sym, mse=mse, scale_dtype=scale_dtype)
   if act_order or static_groups:
-    if name.removeprefix("adadim-") == "rtn":
-      raise ValueError("act_order and static_groups are GPTQ options; RTN takes neither")
+    if name.split("+")[0].removeprefix("adadim-") != "gptq":
+      raise ValueError(f"act_order and static_groups are GPTQ options; {name} takes neither")
     opts.update(act_order=act_order, static_groups=static_groups)
-  return quant.make(name, **opts)
+  return quant.make(name, **opts, **options)
