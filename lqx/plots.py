@@ -40,3 +40,39 @@ def ppl_vs_bits(rows: list[dict], path: str | Path, *, ppl_fp: float | None = No
   path.parent.mkdir(parents=True, exist_ok=True)
   fig.savefig(path, dpi=120)
   return path
+
+
+def pareto(rows: list[dict], path: str | Path, *, ppl_fp: float | None = None, title: str = "") -> Path:
+  """Perplexity (log scale, mean ± sd over seeds) against bits per weight, one series per family.
+
+  ``rows``: dicts with ``family`` (one marker and line, e.g. "gptq+wlorc"), ``label``
+  (annotation, e.g. "r8"), ``bits_per_weight``, ``ppl_mean`` and ``ppl_sd``. A family's
+  points are joined in order of bits per weight within each code width (``bits``).
+  """
+  fig = Figure(figsize=(8, 5))
+  ax = fig.subplots()
+  for i, family in enumerate(dict.fromkeys(r["family"] for r in rows)):
+    color = f"C{i % 10}"
+    rs = [r for r in rows if r["family"] == family]
+    for j, b in enumerate(sorted({r["bits"] for r in rs})):
+      pts = sorted((r for r in rs if r["bits"] == b), key=lambda r: r["bits_per_weight"])
+      ax.errorbar([r["bits_per_weight"] for r in pts], [r["ppl_mean"] for r in pts],
+                  yerr=[r["ppl_sd"] for r in pts], marker="osD^v<>ph*"[i % 10], color=color, capsize=2,
+                  linewidth=1, markersize=5, alpha=0.85, label=family if j == 0 else None)
+      for r in pts:
+        if r.get("label"):
+          ax.annotate(r["label"], (r["bits_per_weight"], r["ppl_mean"]), fontsize=6, alpha=0.7,
+                      xytext=(3, 3), textcoords="offset points")
+  if ppl_fp is not None:
+    ax.axhline(ppl_fp, color="k", linestyle="--", linewidth=1, label=f"float ({ppl_fp:.1f})")
+  ax.set_yscale("log")
+  ax.set_xlabel("bits per weight (everything stored: codes, scales, zeros, tables, sparse, factors)")
+  ax.set_ylabel("held-out perplexity (mean ± sd over calibration seeds)")
+  ax.set_title(title)
+  ax.grid(True, which="both", alpha=0.3)
+  ax.legend(fontsize=7, ncol=2)
+  fig.tight_layout()
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(path, dpi=120)
+  return path

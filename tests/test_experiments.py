@@ -118,3 +118,25 @@ def test_seed_variance_smoke(tmp_path):
   assert rows[("rtn", "-")]["ppl_sd"] == 0 and rows[("rtn", "-")]["n"] == 2  # RTN needs no calibration
   assert rows[("gptq", "reference")]["n"] == 2
   assert "| W4 g64 | gptq | reference | float16 |" in (tmp_path / "s.md").read_text()
+
+
+def test_pareto_smoke(tmp_path):
+  res = run_script("pareto", ["--bits", "3", "--seeds", "0", "1", "--blocks", "1", "--configs", "rtn",
+                              "squeezellm-s0.45", "gptq+wlorc-r4", "--calib-samples", "2", "--calib-seq-len", "64",
+                              "--eval-tokens", "512", "--json", str(tmp_path / "p.json"), "--md",
+                              str(tmp_path / "p.md"), "--plot", str(tmp_path / "p.png")])
+  rows = {r["config"]: r for r in res["summary"]}
+  assert set(rows) == {"rtn", "squeezellm-s0.45", "gptq+wlorc-r4"} and all(r["n"] == 2 for r in rows.values())
+  assert rows["rtn"]["ppl_sd"] == 0  # RTN needs no calibration: one run serves both seeds
+  assert rows["gptq+wlorc-r4"]["bits_per_weight"] > 3.1 and (tmp_path / "p.png").stat().st_size > 0
+  assert "| 3 | squeezellm-s0.45 |" in (tmp_path / "p.md").read_text()
+  again = run_script("pareto", ["--bits", "3", "--seeds", "0", "1", "--blocks", "1", "--configs", "rtn",
+                                "--calib-samples", "2", "--calib-seq-len", "64", "--eval-tokens", "512",
+                                "--json", str(tmp_path / "p.json"), "--resume"])
+  assert len(again["runs"]) == len(res["runs"])  # nothing rerun
+
+
+def test_bench_kmeans_smoke(tmp_path):
+  res = run_script("bench_kmeans", ["--layers", "1", "--bits", "3", "--sample", "4", "--oracle-max-n", "600",
+                                    "--json", str(tmp_path / "k.json")])
+  assert res["rows"] == 5184 and 0 <= res["bits"]["3"]["frac_lqx_le_sklearn"] <= 1
