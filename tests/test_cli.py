@@ -9,7 +9,7 @@ import pytest
 from conftest import EXPERIMENTS  # noqa: E402
 
 SCRIPTS = ("demo", "quantize", "eval_ppl", "bench_forward", "bench_gptq", "gptq_parity", "seed_variance",
-           "mup_transfer")
+           "mup_transfer", "pareto", "sensitivity", "bench_kmeans")
 FAST = 30.0  # seconds: argument checks only (a model load and one quantization take minutes on 2 CPUs)
 
 
@@ -57,6 +57,11 @@ def test_help_shows_defaults(name, tmp_path):
     ("quantize", ["--text-file", "missing.txt"], ["--text-file", "does not exist"]),
     ("quantize", ["--json", "no/such/folder/out.json"], ["--json", "does not exist"]),
     ("quantize", ["--overwrite"], ["--overwrite", "--save"]),
+    ("quantize", ["--method", "gptq", "--outlier-frac", "0.01"], ["--outlier-frac", "SqueezeLLM"]),
+    ("quantize", ["--method", "squeezellm", "--outlier-frac", "0.9"], ["outlier_frac", "[0, 0.5)"]),
+    ("quantize", ["--method", "gptq+wlorc", "--rank", "0"], ["--rank", "positive"]),
+    ("quantize", ["--method", "squeezellm", "--act-order"], ["act_order", "squeezellm"]),
+    ("quantize", ["--method", "squeezellm", "--fisher", "missing.npz"], ["--fisher", "does not exist"]),
     ("eval_ppl", ["--seq-len", "1"], ["--seq-len", ">= 2"]),
     ("eval_ppl", ["--batch-size", "0"], ["--batch-size"]),
     ("eval_ppl", ["--max-tokens", "10", "--seq-len", "64"], ["--max-tokens", "one window"]),
@@ -80,6 +85,9 @@ def test_bad_arguments_fail_before_the_model_loads(name, argv, words, bogus_mode
     ("seed_variance", ["--from-parity", "missing.json"], ["--from-parity", "missing.json"]),
     ("seed_variance", ["--resume"], ["--resume", "--json"]),
     ("mup_transfer", ["--replot", "missing.json"], ["--replot", "missing.json"]),
+    ("pareto", ["--configs", "nope"], ["--configs", "nope"]),
+    ("pareto", ["--resume"], ["--resume", "--json"]),
+    ("bench_kmeans", ["--fisher", "missing.npz"], ["--fisher", "missing.npz"]),
     ("mup_transfer", ["--unknown-flag"], ["unrecognized arguments"]),
 ])
 def test_bad_arguments_other_scripts(name, argv, words, tmp_path):
