@@ -36,6 +36,7 @@ import _cli  # noqa: E402
 SETTINGS = (("W3 g64", 3, 64), ("W3 g128", 3, 128), ("W4 g128", 4, 128), ("W2 g64", 2, 64), ("W3 per-ch", 3, -1))
 QUICK_SETTINGS = (("W3 g64", 3, 64),)
 QUICK_METHODS = "rtn,gptq,adadim-gptq"
+FULL_METHODS = "rtn,gptq,adadim-rtn,adadim-gptq"  # the group-size table; P7 methods: experiments/pareto.py
 PROMPT = "ROMEO.\nBut soft, what light through yonder window breaks?"
 
 
@@ -48,7 +49,7 @@ def main(argv=None) -> dict:
   ap.add_argument("--calib-samples", type=_cli.positive_int, default=16, help="calibration windows")
   ap.add_argument("--calib-seq-len", type=_cli.seq_len, default=512, help="tokens per calibration window")
   ap.add_argument("--methods", type=methods_arg,
-                  help=f"comma-separated (default: {QUICK_METHODS}; --full: all of {recipe.METHODS})")
+                  help=f"comma-separated, of {recipe.METHODS} (default: {QUICK_METHODS}; --full: {FULL_METHODS})")
   ap.add_argument("--full", action="store_true", help="every setting and method (the README's full table)")
   ap.add_argument("--quick", action="store_true", help="the default; kept for old command lines")
   ap.add_argument("--no-quant", action="store_true", help="skip the quantization table")
@@ -59,7 +60,7 @@ def main(argv=None) -> dict:
     ap.error(f"argument --eval-tokens: {args.eval_tokens} is less than one window of --seq-len {args.seq_len} "
              f"(0: all tokens)")
   if args.methods is None:
-    args.methods = ",".join(recipe.METHODS) if args.full else QUICK_METHODS
+    args.methods = FULL_METHODS if args.full else QUICK_METHODS
 
   config, params = io.load_model(args.model)
   for option, n in (("--seq-len", args.seq_len), ("--calib-seq-len", args.calib_seq_len)):
