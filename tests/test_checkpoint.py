@@ -4,6 +4,7 @@ import dataclasses
 import functools
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -557,13 +558,14 @@ def _kernel_spec(doc, *path):
 def test_unknown_format_name(wrapper, tmp_path):
   path = ck.save(tmp_path / "wrapped", None, _wrapped())
   formats.FORMATS.pop("test-wrapper")
+  names = re.escape(str(sorted(formats.FORMATS)))
   with pytest.raises(CheckpointError, match=r"w/kernel: unknown format 'test-wrapper'; registered formats are "
-                                            r"\['affine'\]"):
+                                            + names):
     ck.restore(path)
   formats.register("test-wrapper", Wrapper)
   _edit_json(path, lambda d: _kernel_spec(d, "w", "kernel")["data"]["inner"]["format"].update(name="nope"))
   with pytest.raises(CheckpointError, match=r"w/kernel.inner: unknown format 'nope'; registered formats are "
-                                            r"\['affine', 'test-wrapper'\]"):
+                                            + re.escape(str(sorted(formats.FORMATS)))):
     ck.restore(path)
 
 
