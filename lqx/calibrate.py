@@ -413,7 +413,8 @@ def quantize_units(units: Units, params, targets: dict, batches, *, true_sequent
       h = _hessians(run, dense, xs, [k])[k] if true_sequential else hs[k]
       w = tree.get(dense, k)
       t0 = time.perf_counter()
-      q, info = method.quantize(w, {"hessian": h, **(stats or {}).get(path, {})}, name=path, judge=lambda probes: _own_output_mse(w, h, probes))
+      q, info = method.quantize(w, {"hessian": h, **(stats or {}).get(path, {})}, name=path,
+                                judge=lambda probes: _own_output_mse(w, h, probes))
       reports.append(report(path, method, w, q, info, h, time.perf_counter() - t0))
       p, dense = tree.replace(p, k, q), tree.replace(dense, k, q.dequantize())
       done.add(path)

@@ -102,8 +102,9 @@ def quantize(config: llama.LlamaConfig | calibrate.Units | None, params: dict, r
   by methods with ``stats`` (GPTQ, AdaDim, SqueezeLLM without ``fisher``); RTN alone
   runs without them. Reports give output errors for calibrated kernels and weight
   errors otherwise (data-free methods, or when no method needs a Hessian: SqueezeLLM
-  alone is then applied kernel by kernel, as it does not depend on calibration order). Linears inside the units are
-  calibrated; other matched leaves (e.g. the embedding) take a data-free method.
+  alone is then applied kernel by kernel, as it does not depend on calibration order).
+  Linears inside the units are calibrated; other matched leaves (e.g. the embedding)
+  take a method without Hessian.
   ``true_sequential`` picks the calibration pipeline (None: ``DEFAULT_TRUE_SEQUENTIAL``
   for LLaMA, True for ``Units``). The report's ``calibration_sha256`` is
   ``data.tokens_sha256`` of integer (N, T) calibration tokens (None otherwise).
