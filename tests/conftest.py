@@ -11,6 +11,15 @@ import pytest
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _fresh_jit_caches():
+  """Drop compiled executables after each test module. One process compiles thousands of XLA
+  programs over the suite; each holds memory mappings, and a full run once aborted inside an XLA
+  compile near the end (the per-process map limit is 65,530 here)."""
+  yield
+  jax.clear_caches()
+
+
 @functools.cache
 def _smollm2():
   from lqx import assets
