@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -27,6 +26,7 @@ from lqx.models import llama
 if str(Path(__file__).resolve().parent) not in sys.path:
   sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _cli  # noqa: E402
+from _bench import matmul_gflops, time_best  # noqa: E402
 
 
 def forward_flops(c: llama.LlamaConfig, batch: int, seq_len: int) -> float:
@@ -35,23 +35,6 @@ def forward_flops(c: llama.LlamaConfig, batch: int, seq_len: int) -> float:
   attn = 2 * 2 * seq_len * c.q_dim  # QK^T and PV per query token
   per_token = c.n_layers * (per_token_layer + attn) + 2 * c.dim * c.vocab_size
   return float(per_token * batch * seq_len)
-
-
-def time_best(fn, repeats: int) -> float:
-  fn()  # warm-up / compile
-  best = float("inf")
-  for _ in range(repeats):
-    t = time.perf_counter()
-    fn()
-    best = min(best, time.perf_counter() - t)
-  return best
-
-
-def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
-  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-  b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
-  f = jax.jit(jnp.matmul)
-  return 2 * n**3 / time_best(lambda: f(a, b).block_until_ready(), repeats) / 1e9
 
 
 def torch_model(config: llama.LlamaConfig, params):

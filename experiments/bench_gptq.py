@@ -42,6 +42,7 @@ from lqx.quant import gptq
 if str(Path(__file__).resolve().parent) not in sys.path:
   sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _cli  # noqa: E402
+from _bench import matmul_gflops  # noqa: E402
 
 
 def gptq_flops(ic: int, oc: int, block_size: int = 128, chol_block: int = gptq.CHOL_BLOCK) -> dict:
@@ -73,19 +74,6 @@ def correlated_layer(size: int, seed: int = 0) -> tuple[jax.Array, jax.Array]:
   h = 2 / x.shape[0] * jnp.einsum("ni,nj->ij", x, x, precision=jax.lax.Precision.HIGHEST)
   w = jax.random.normal(k_w, (size, size)) * 0.02
   return jax.block_until_ready(w), jax.block_until_ready(h)
-
-
-def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
-  """GFLOP/s of a jitted float32 ``n x n`` matmul (best of ``repeats``)."""
-  a = jax.random.normal(jax.random.key(1), (n, n))
-  f = jax.jit(lambda a, b: a @ b)
-  jax.block_until_ready(f(a, a))
-  best = float("inf")
-  for _ in range(repeats):
-    t = time.perf_counter()
-    jax.block_until_ready(f(a, a))
-    best = min(best, time.perf_counter() - t)
-  return 2 * n**3 / best / 1e9
 
 
 def time_layers(layers, config: gptq.GPTQConfig, repeats: int = 1) -> list[dict]:

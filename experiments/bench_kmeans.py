@@ -29,7 +29,6 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from lqx import io, tree
@@ -38,6 +37,7 @@ from lqx.quant import kmeans
 if str(Path(__file__).resolve().parent) not in sys.path:
   sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _cli  # noqa: E402
+from _bench import matmul_gflops  # noqa: E402
 
 BLOCK_LINEAR = ("attn/q_proj", "attn/k_proj", "attn/v_proj", "attn/o_proj", "mlp/gate_proj", "mlp/up_proj",
                 "mlp/down_proj")
@@ -62,19 +62,6 @@ def row_weights(path: str, w: np.ndarray, fisher, stand_in: str) -> np.ndarray:
     return np.ones(w.T.shape, np.float32)
   sq = np.square(w.T, dtype=np.float32)
   return sq + 0.01 * sq.mean(axis=1, keepdims=True)
-
-
-def matmul_gflops() -> float:
-  """This machine's float32 2048^3 matmul rate (best of 5), GFLOP/s."""
-  a = jax.random.normal(jax.random.key(0), (2048, 2048), jnp.float32)
-  f = jax.jit(lambda a: a @ a)
-  f(a).block_until_ready()
-  best = np.inf
-  for _ in range(5):
-    t = time.perf_counter()
-    f(a).block_until_ready()
-    best = min(best, time.perf_counter() - t)
-  return 2 * 2048 ** 3 / best / 1e9
 
 
 def sse64(x: np.ndarray, w: np.ndarray, c: np.ndarray) -> float:

@@ -41,7 +41,8 @@ from lqx.quant.rtn import RTNConfig
 if str(Path(__file__).resolve().parent) not in sys.path:
   sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _cli  # noqa: E402
-from bench_forward import forward_flops, matmul_gflops  # noqa: E402
+from _bench import matmul_gflops  # noqa: E402
+from bench_forward import forward_flops  # noqa: E402
 
 PROJECTIONS = tuple(lin.split("/")[1] for stage in llama.STAGES for lin in stage.linears)  # q, k, v, o, gate, up, down
 
