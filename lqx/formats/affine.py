@@ -54,6 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lqx import packing
+from lqx.formats.storage import Stored
 
 GROUP_AXES = ("oc", "ic", "tensor")
 SCALE_DTYPES = (np.dtype(jnp.float16), np.dtype(jnp.bfloat16), np.dtype(jnp.float32))
@@ -170,7 +171,7 @@ def ieee_div(a, b) -> jax.Array:
     meta_fields=["bits", "group_size", "group_axis", "shape", "dtype", "scale_dtype"],
 )
 @dataclasses.dataclass(frozen=True)
-class QArray:
+class QArray(Stored):
   """Quantized ``(IC, OC)`` kernel; ``w[perm] ≈ (code - zero) * scale`` per group (module doc)."""
 
   packed: jax.Array  # (ceil(IC*bits/32), OC) uint32 codes, packed along IC
@@ -222,21 +223,6 @@ class QArray:
   def linear(self, x: jax.Array) -> jax.Array:
     """``x[..., IC] @ dequantize()`` in the dtype of ``x`` (XLA; Pallas kernels fuse this)."""
     return jnp.einsum("...i,io->...o", x, self.dequantize().astype(x.dtype))
-
-  @property
-  def nbytes(self) -> int:
-    """Bytes of all leaves (global, not per shard)."""
-    return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(self))
-
-  @property
-  def stored_bits(self) -> int:
-    """Exact storage: every leaf at its stored dtype, padding included."""
-    return 8 * self.nbytes
-
-  @property
-  def bits_per_weight(self) -> float:
-    """``stored_bits`` per weight of the ``(IC, OC)`` kernel."""
-    return self.stored_bits / (self.shape[0] * self.shape[1])
 
 
 def _unpermute(qa: QArray, x: jax.Array) -> jax.Array:

@@ -31,6 +31,7 @@ import numpy as np
 
 from lqx import packing
 from lqx.formats.affine import CODE_WORD, SCALE_DTYPES
+from lqx.formats.storage import Stored
 
 TABLE_DTYPES = SCALE_DTYPES  # float16, bfloat16, float32
 
@@ -52,7 +53,7 @@ def check_table_dtype(table_dtype) -> np.dtype:
     meta_fields=["bits", "shape", "dtype", "table_dtype"],
 )
 @dataclasses.dataclass(frozen=True)
-class Codebook:
+class Codebook(Stored):
   """Quantized ``(IC, OC)`` kernel; ``w[i, o] ≈ table[o, code[i, o]]`` (module doc)."""
 
   packed: jax.Array  # (ceil(IC*bits/32), OC) uint32 codes, packed along IC
@@ -103,21 +104,6 @@ class Codebook:
   def linear(self, x: jax.Array) -> jax.Array:
     """``x[..., IC] @ dequantize()`` in the dtype of ``x`` (XLA)."""
     return jnp.einsum("...i,io->...o", x, self.dequantize().astype(x.dtype))
-
-  @property
-  def nbytes(self) -> int:
-    """Bytes of all leaves (global, not per shard)."""
-    return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(self))
-
-  @property
-  def stored_bits(self) -> int:
-    """Exact storage: every leaf at its stored dtype, padding included."""
-    return 8 * self.nbytes
-
-  @property
-  def bits_per_weight(self) -> float:
-    """``stored_bits`` per weight of the ``(IC, OC)`` kernel."""
-    return self.stored_bits / (self.shape[0] * self.shape[1])
 
 
 @jax.jit

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lqx.formats import affine
+from lqx.formats.storage import Stored
 
 FACTOR_BITS = (8, 16)
 SCALE_DTYPE = np.dtype(jnp.float16)
@@ -66,7 +67,7 @@ def quantize_rows(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     meta_fields=["rank", "factor_bits"],
 )
 @dataclasses.dataclass(frozen=True)
-class LowRank:
+class LowRank(Stored):
   """``base`` plus a rank-``rank`` correction ``deq(a) @ deq(b)`` (module doc)."""
 
   base: Any  # any registered format standing for the same (IC, OC) kernel
@@ -102,17 +103,6 @@ class LowRank:
     a, b = self.factors()
     y = self.base.linear(x).astype(x.dtype)
     return y + jnp.einsum("...r,ro->...o", jnp.einsum("...i,ir->...r", x, a.astype(x.dtype)), b.astype(x.dtype))
-
-  @property
-  def stored_bits(self) -> int:
-    """Exact storage: the base's ``stored_bits`` plus every own leaf at its stored dtype."""
-    own = [x for x in (self.a, self.b, self.a_scale, self.b_scale) if x is not None]
-    return int(self.base.stored_bits) + sum(8 * int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in own)
-
-  @property
-  def bits_per_weight(self) -> float:
-    """``stored_bits`` per weight of the ``(IC, OC)`` kernel."""
-    return self.stored_bits / (self.shape[0] * self.shape[1])
 
   def check(self) -> None:
     """Raise ``ValueError`` unless the arrays have the shapes and dtypes ``rank``, ``factor_bits`` and

@@ -50,6 +50,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lqx.formats.storage import Stored
+
 VALUE_DTYPES = (np.dtype(jnp.float16), np.dtype(jnp.float32))
 INDEX_DTYPE = np.dtype(np.int32)
 MAX_NUMEL = np.iinfo(np.int32).max  # the padding index IC * OC must itself be an int32
@@ -79,7 +81,7 @@ def _concrete(x) -> bool:
     meta_fields=["value_dtype"],
 )
 @dataclasses.dataclass(frozen=True)
-class Sparse:
+class Sparse(Stored):
   """``base`` plus ``scatter_add(index, values)`` on the flat ``(IC, OC)`` kernel (module doc)."""
 
   base: Any  # any registered format standing for the same (IC, OC) kernel
@@ -148,17 +150,6 @@ class Sparse:
     """``x[..., IC] @ dequantize()`` as ``base.linear(x)`` plus the sparse product, in the dtype of ``x``."""
     y = self.base.linear(x)
     return (y.astype(jnp.float32) + _sparse_product(x, self.index, self.values, self.shape)).astype(x.dtype)
-
-  @property
-  def stored_bits(self) -> int:
-    """Exact storage: the base's ``stored_bits`` plus ``index`` and ``values`` at their stored dtypes."""
-    own = sum(8 * int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in (self.index, self.values))
-    return int(self.base.stored_bits) + own
-
-  @property
-  def bits_per_weight(self) -> float:
-    """``stored_bits`` per weight of the ``(IC, OC)`` kernel."""
-    return self.stored_bits / (self.shape[0] * self.shape[1])
 
   def check(self) -> None:
     """Raise ``ValueError`` unless ``index`` and ``values`` are ``(capacity,)`` int32 and ``value_dtype``
