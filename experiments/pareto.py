@@ -125,7 +125,7 @@ def main(argv=None) -> dict:
     if args.plot and out["summary"]:
       plots.pareto(out["summary"], args.plot, ppl_fp=ppl_fp,
                    title=f"{args.model}: held-out perplexity vs bits per weight "
-                         f"({args.calib_samples}x{args.calib_seq_len} calibration, seeds {args.seeds})")
+                         f"({args.calib_samples}x{args.calib_seq_len} calibration, seeds {sorted({r['seed'] for r in runs})})")
     return out
 
   for seed in args.seeds:

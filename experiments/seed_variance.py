@@ -3,13 +3,17 @@
   python experiments/seed_variance.py [--settings 3:128 3:64 4:128] [--seeds 0 1 2]
       [--methods rtn gptq adadim-gptq] [--pipelines true-sequential reference]
       [--scale-dtypes float16 float32] [--from-parity results/gptq_parity.json]
+      [--from-pareto results/pareto.json]
       [--json results/seed_variance.json [--resume]] [--md results/seed_variance.md]
 
 Each seed draws its own 32 x 512 calibration windows from the training works (lqx's
 sampler); every run is evaluated on the same first ``--eval-tokens`` held-out tokens.
 GPTQ runs in each pipeline and scale dtype; AdaDim-GPTQ in the default pipeline with
 float16 scales; RTN needs no calibration, so it runs once per setting. Runs already in
-a ``gptq_parity.py`` JSON (same settings and seeds) are taken from it, not rerun.
+a ``gptq_parity.py`` JSON (same settings and seeds) are taken from it, not rerun; so are
+the RTN, GPTQ and AdaDim-GPTQ runs of a ``pareto.py`` JSON (the same sampler, sizes and
+evaluation, the default pipeline and float16 scales), which must match
+``--calib-samples``, ``--calib-seq-len`` and ``--eval-tokens``.
 Arguments are checked before any model loads; an error prints one ``error: ...``
 line (``--debug``: the traceback).
 """
@@ -82,6 +86,19 @@ def from_parity(path: str) -> list[dict]:
   return runs
 
 
+def from_pareto(path: str, calib_samples: int, calib_seq_len: int, eval_tokens: int) -> list[dict]:
+  """RTN, GPTQ and AdaDim-GPTQ runs of a pareto.py JSON as seed_variance runs (``source: pareto``)."""
+  res = json.loads(Path(path).read_text())
+  want = {"calib_samples": calib_samples, "calib_seq_len": calib_seq_len, "eval_tokens": eval_tokens}
+  got = {k: res.get(k) for k in want}
+  if got != want:
+    raise _cli.UsageError(f"argument --from-pareto: {path} was run with {got}, this run uses {want}")
+  return [{"method": r["config"], "bits": r["bits"], "group_size": res["group_size"],
+           "pipeline": "-" if r["config"] == "rtn" else DEFAULT_PIPELINE, "scale_dtype": "float16",
+           "seed": r["seed"], "ppl": r["ppl"], "source": "pareto"}
+          for r in res["runs"] if r["config"] in ("rtn", "gptq", "adadim-gptq") and not r["options"]]
+
+
 def parse_setting(text: str) -> str:
   """argparse type: ``bits:group_size``, bits in 2..8 and group_size a positive int or -1."""
   try:
@@ -112,6 +129,8 @@ def main(argv=None) -> dict:
                   default=16384, help="held-out tokens evaluated (windows of 512)")
   ap.add_argument("--from-parity", nargs="*", type=_cli.existing_file, default=[],
                   help="gptq_parity.py JSONs whose runs to reuse")
+  ap.add_argument("--from-pareto", nargs="*", type=_cli.existing_file, default=[],
+                  help="take RTN/GPTQ/AdaDim-GPTQ runs from these pareto.py JSON files instead of rerunning them")
   ap.add_argument("--json", type=_cli.output_file, help="write runs and summary here (rewritten after every run)")
   ap.add_argument("--resume", action="store_true", help="keep the runs already in --json (skip them)")
   ap.add_argument("--md", type=_cli.output_file, help="write the summary table here")
@@ -130,7 +149,14 @@ def main(argv=None) -> dict:
   runs = [r for p in args.from_parity for r in from_parity(p)]
   if args.resume and args.json and Path(args.json).exists():  # keep this script's own earlier runs
     runs += [r for r in json.loads(Path(args.json).read_text())["runs"] if "quantize_seconds" in r]
-  done = {(r["method"], r["bits"], r["group_size"], r["pipeline"], r["scale_dtype"], r["seed"]) for r in runs}
+
+  def key(r):
+    return r["method"], r["bits"], r["group_size"], r["pipeline"], r["scale_dtype"], r["seed"]
+
+  done = {key(r) for r in runs}
+  for p in args.from_pareto:
+    runs += [r for r in from_pareto(p, args.calib_samples, args.calib_seq_len, args.eval_tokens) if key(r) not in done]
+  done = {key(r) for r in runs}
 
   def save():
     out = {"calib_samples": args.calib_samples, "calib_seq_len": args.calib_seq_len,

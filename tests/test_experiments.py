@@ -120,6 +120,22 @@ def test_seed_variance_smoke(tmp_path):
   assert "| W4 g64 | gptq | reference | float16 |" in (tmp_path / "s.md").read_text()
 
 
+def test_seed_variance_takes_runs_from_pareto(tmp_path):
+  """pareto.py's RTN/GPTQ/AdaDim runs (same protocol) fill the table without reruns; other sizes are refused."""
+  runs = [{"config": c, "options": {}, "bits": 4, "seed": s, "ppl": p}
+          for c, s, p in (("gptq", 0, 50.0), ("gptq", 1, 52.0), ("adadim-gptq", 0, 49.0), ("rtn", 0, 60.0))]
+  runs.append({"config": "squeezellm-s0.45", "options": {"outlier_frac": 0.004}, "bits": 4, "seed": 0, "ppl": 1.0})
+  pareto = tmp_path / "p.json"
+  pareto.write_text(json.dumps({"group_size": 128, "calib_samples": 32, "calib_seq_len": 512, "eval_tokens": 16384,
+                                "runs": runs}))
+  res = run_script("seed_variance", ["--settings", "--from-pareto", str(pareto), "--md", str(tmp_path / "s.md")])
+  rows = {r["method"]: r for r in res["summary"]}
+  assert set(rows) == {"gptq", "adadim-gptq", "rtn"} and rows["gptq"]["ppls"] == [50.0, 52.0]
+  assert "| W4 g128 | gptq | reference | float16 | 50.0, 52.0 | 51.0 ± 1.4 |" in (tmp_path / "s.md").read_text()
+  with pytest.raises(Exception, match="calib_samples"):
+    run_script("seed_variance", ["--settings", "--from-pareto", str(pareto), "--calib-samples", "8"])
+
+
 def test_pareto_smoke(tmp_path):
   res = run_script("pareto", ["--bits", "3", "--seeds", "0", "1", "--blocks", "1", "--configs", "rtn",
                               "squeezellm-s0.45", "gptq+wlorc-r4", "--calib-samples", "2", "--calib-seq-len", "64",
