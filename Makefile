@@ -7,7 +7,13 @@ STAMP   := $(VENV)/.installed
 # Keep BLAS/XLA from oversubscribing the two cores when pytest forks.
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup assets demo demo-full test bench clean
+# Ahead-of-time compile of the Pallas kernels for real TPU and GPU chips, on CPU.
+# A separate env: libtpu, the CUDA compiler plugins and ptxas (~1.3 GB download, ~1.9 GB installed).
+KVENV   := .venv-kernels
+KPY     := $(KVENV)/bin/python
+KSTAMP  := $(KVENV)/.installed
+
+.PHONY: setup assets demo demo-full test bench clean kernels-env kernels-check
 
 $(VPY):
 	$(PY) -m venv $(VENV)
@@ -28,11 +34,24 @@ demo: assets
 demo-full: assets
 	$(VPY) experiments/demo.py --full
 
-test: assets
+# kernels-env: tests/test_pallas_aot.py compiles the Pallas kernels for real TPU/GPU chips with it.
+test: assets kernels-env
 	$(VPY) -m pytest -q tests
 
 bench: assets
 	$(VPY) experiments/bench_forward.py
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache
+	rm -rf $(VENV) $(KVENV) *.egg-info .pytest_cache
+
+$(KSTAMP): requirements-kernels.txt
+	$(PY) -m venv $(KVENV)
+	$(KPY) -m pip install --quiet --upgrade pip
+	$(KPY) -m pip install --quiet -r requirements-kernels.txt
+	touch $(KSTAMP)
+
+kernels-env: $(KSTAMP)
+
+# e.g. make kernels-check AOT_ARGS="--targets v5e h100 --json results/tmp/aot.json"
+kernels-check: kernels-env
+	JAX_PLATFORMS=cpu PYTHONPATH=$(CURDIR) $(KPY) -m pallas_kernels.aot $(AOT_ARGS)
