@@ -53,7 +53,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lqx import packing
+from lqx import nn, packing
 from lqx.formats.storage import Stored
 
 GROUP_AXES = ("oc", "ic", "tensor")
@@ -221,8 +221,34 @@ class QArray(Stored):
     return _dequantize(self)
 
   def linear(self, x: jax.Array) -> jax.Array:
-    """``x[..., IC] @ dequantize()`` in the dtype of ``x`` (XLA; Pallas kernels fuse this)."""
-    return jnp.einsum("...i,io->...o", x, self.dequantize().astype(x.dtype))
+    """``x[..., IC] @ dequantize()`` in the dtype of ``x``.
+
+    The fused Pallas kernel (``pallas_kernels.dequant_matmul``) where ``lqx.nn.pallas_target``
+    picks one (TPU, GPU) and it supports this layout (bits 2, 3, 4, 8; per-OC or per-IC
+    groups; x in bfloat16 or float32); XLA (dequantize, then matmul) otherwise. With
+    ``perm``, x's columns are taken in stored order instead of un-permuting the weights.
+    """
+    target = nn.pallas_target()
+    if target is None or not _kernel_supports(self, x):
+      return jnp.einsum("...i,io->...o", x, self.dequantize().astype(x.dtype))
+    from pallas_kernels.dequant_matmul import dequant_matmul
+    x2 = x.reshape(-1, self.shape[0])
+    if self.perm is not None:
+      x2 = jnp.take(x2, self.perm, axis=1)
+    zero = None if self.zero is None else self.zero_points()
+    y = dequant_matmul(x2, self.packed, self.scale, zero, bits=self.bits, group_size=self.group_size,
+                       group_axis=self.group_axis, backend=target[0], interpret=target[1])
+    return y.reshape(*x.shape[:-1], self.shape[1])
+
+
+KERNEL_BITS = (2, 3, 4, 8)
+KERNEL_X_DTYPES = (np.dtype(jnp.bfloat16), np.dtype(jnp.float32))
+
+
+def _kernel_supports(qa: QArray, x: jax.Array) -> bool:
+  """Whether ``pallas_kernels.dequant_matmul`` takes this kernel and input (else ``linear`` uses XLA)."""
+  return (qa.bits in KERNEL_BITS and qa.group_axis in ("oc", "ic") and np.dtype(x.dtype) in KERNEL_X_DTYPES
+          and x.size > 0)
 
 
 def _unpermute(qa: QArray, x: jax.Array) -> jax.Array:

@@ -29,11 +29,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lqx import packing
-from lqx.formats.affine import CODE_WORD, SCALE_DTYPES
+from lqx import nn, packing
+from lqx.formats.affine import CODE_WORD, KERNEL_X_DTYPES, SCALE_DTYPES
 from lqx.formats.storage import Stored
 
 TABLE_DTYPES = SCALE_DTYPES  # float16, bfloat16, float32
+KERNEL_BITS = (2, 3, 4)  # what pallas_kernels.lut_matmul takes
 
 
 def check_table_dtype(table_dtype) -> np.dtype:
@@ -102,8 +103,19 @@ class Codebook(Stored):
     return _dequantize(self)
 
   def linear(self, x: jax.Array) -> jax.Array:
-    """``x[..., IC] @ dequantize()`` in the dtype of ``x`` (XLA)."""
-    return jnp.einsum("...i,io->...o", x, self.dequantize().astype(x.dtype))
+    """``x[..., IC] @ dequantize()`` in the dtype of ``x``.
+
+    The fused Pallas kernel (``pallas_kernels.lut_matmul``) where ``lqx.nn.pallas_target``
+    picks one (TPU, GPU) and it supports this codebook (bits 2, 3, 4; x in bfloat16 or
+    float32); XLA (dequantize, then matmul) otherwise.
+    """
+    target = nn.pallas_target()
+    if target is None or self.bits not in KERNEL_BITS or np.dtype(x.dtype) not in KERNEL_X_DTYPES or not x.size:
+      return jnp.einsum("...i,io->...o", x, self.dequantize().astype(x.dtype))
+    from pallas_kernels.lut_matmul import lut_matmul
+    y = lut_matmul(x.reshape(-1, self.shape[0]), self.packed, self.table, bits=self.bits, backend=target[0],
+                   interpret=target[1])
+    return y.reshape(*x.shape[:-1], self.shape[1])
 
 
 @jax.jit
