@@ -1,10 +1,11 @@
 """Smoke tests: every experiment script runs end to end with a tiny config and writes its JSON."""
 
+import importlib.util
 import json
 
 import pytest
 
-from conftest import run_script  # noqa: E402
+from conftest import EXPERIMENTS, run_script  # noqa: E402
 
 
 
@@ -150,6 +151,24 @@ def test_pareto_smoke(tmp_path):
                                 "--calib-samples", "2", "--calib-seq-len", "64", "--eval-tokens", "512",
                                 "--json", str(tmp_path / "p.json"), "--resume"])
   assert len(again["runs"]) == len(res["runs"])  # nothing rerun
+
+
+def test_bench_kernels_smoke(tmp_path):
+  """CPU: the XLA path timed against a float matmul, the machine's rate printed; the device check's
+  kernel-vs-reference comparison runs (interpreted here) and passes for every case."""
+  out = tmp_path / "k.json"
+  res = run_script("bench_kernels", ["--shapes", "576x192", "--ms", "1", "3", "--formats", "int4-g128", "lut3",
+                                     "--repeats", "1", "--json", str(out), "--md", str(tmp_path / "k.md")])
+  assert "| 576x192 | lut3 |" in (tmp_path / "k.md").read_text()
+  assert res["path"] == "xla" and res["matmul_gflops_f32"] > 0 and json.loads(out.read_text())["rows"]
+  rows = {(r["format"], r["m"]): r for r in res["rows"]}
+  assert set(rows) == {("int4-g128", 1), ("int4-g128", 3), ("lut3", 1), ("lut3", 3)}
+  assert 3 < rows["lut3", 1]["bits_per_weight"] < 3.3 and rows["int4-g128", 1]["ideal_speedup"] > 3.5
+  spec = importlib.util.spec_from_file_location("bench_kernels", EXPERIMENTS / "bench_kernels.py")
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  check = mod.device_check(ms=(7,), k=256, n=128)
+  assert len(check) == 2 * (16 + 2) and all(r["ok"] for r in check), [r for r in check if not r["ok"]]
 
 
 def test_bench_kmeans_smoke(tmp_path):
