@@ -137,6 +137,21 @@ def test_seed_variance_takes_runs_from_pareto(tmp_path):
     run_script("seed_variance", ["--settings", "--from-pareto", str(pareto), "--calib-samples", "8"])
 
 
+def test_allocate_smoke(tmp_path):
+  """The allocator's recipe, applied by lqx.quantize, stores exactly the promised bits, within the budget."""
+  res = run_script("allocate", ["--budget", "3.5", "--blocks", "1", "--candidates", "gptq:2:128", "gptq:4:128",
+                                "gptq+wlorc:2:128:4", "--calib-samples", "2", "--calib-seq-len", "64",
+                                "--eval-tokens", "512", "--json", str(tmp_path / "a.json"), "--md",
+                                str(tmp_path / "a.md")])
+  run = next(r for r in res["runs"] if r["recipe"] == "allocator")
+  assert run["bits_per_weight"] == pytest.approx(run["promised_bits_per_weight"], rel=1e-12)
+  assert run["bits_per_weight"] <= 3.5 and len(run["chosen"]) == 7 and sum(run["counts"].values()) == 7
+  assert {r["recipe"] for r in res["runs"]} == {"allocator", "gptq w3 g128"}
+  assert "| 3.5 | allocator |" in (tmp_path / "a.md").read_text()
+  with pytest.raises(Exception, match="--candidates"):
+    run_script("allocate", ["--budget", "3", "--candidates", "gptq:3", "--json", str(tmp_path / "b.json")])
+
+
 def test_pareto_smoke(tmp_path):
   res = run_script("pareto", ["--bits", "3", "--seeds", "0", "1", "--blocks", "1", "--configs", "rtn",
                               "squeezellm-s0.45", "gptq+wlorc-r4", "--calib-samples", "2", "--calib-seq-len", "64",

@@ -300,28 +300,36 @@ def options_for_layer(w, stats: dict, candidates, *, error: str = "hessian", nam
 def allocate(config, params: dict, tokens, candidates, *, budget_bpw: float, paths=None, error: str = "hessian",
              fisher: dict | None = None, batch_size: int = 8, resolution: int | None = None,
              progress: bool = True) -> tuple[tuple, dict]:
-  """``(recipe, plan)``: one method per target kernel within ``budget_bpw`` bits per weight.
+  """``(recipe, plan)`` for one budget: :func:`measure`, then :func:`plan` (their docstrings)."""
+  measured = measure(config, params, tokens, candidates, paths=paths, error=error, fisher=fisher,
+                     batch_size=batch_size, progress=progress)
+  return plan(measured, budget_bpw, resolution=resolution)
+
+
+@dataclasses.dataclass(frozen=True)
+class Measured:
+  """Every target's options, measured once; :func:`plan` solves any number of budgets from it."""
+  targets: list[str]
+  layers: dict[str, list[Option]]  # path -> options with normalized errors (what the solver sums)
+  raw: dict[str, dict[str, float]]  # path -> label -> raw error
+  numel: dict[str, int]
+  error: str
+  seconds: float
+
+
+def measure(config, params: dict, tokens, candidates, *, paths=None, error: str = "hessian",
+            fisher: dict | None = None, batch_size: int = 8, progress: bool = True) -> Measured:
+  """Every target kernel's options (:class:`Measured`): each candidate's exact stored bits and error.
 
   ``config``: a ``LlamaConfig`` or any model as ``calibrate.Units``. ``tokens``: (N, ...)
   calibration inputs. ``candidates``: method configs or ``{label: method}``, offered to every
   target. ``paths``: regex over param paths (default ``recipe.BLOCK_LINEARS``), matched in
-  full. ``budget_bpw``: bits per weight over the targets, everything stored included
-  (``budget_from_bpw``). ``fisher``: ``{path: (IC, OC)}`` cache; computed from ``tokens``
-  (LLaMA only) when a candidate or ``error="fisher"`` needs it and none is given.
+  full. ``fisher``: ``{path: (IC, OC)}`` cache; computed from ``tokens`` (LLaMA only) when a
+  candidate or ``error="fisher"`` needs it and none is given.
 
   Hessians are captured ONCE, on the float model, for all targets (``calibrate.capture``;
   not block-sequential: simplest, and one capture serves every option of every layer).
-  Errors are normalized as the module docstring says. The recipe is a tuple of
-  ``recipe.Rule`` with one exact-path regex per target; ``lqx.quantize(config, params,
-  recipe, tokens, fisher=...)`` applies it, and its kernels then hold exactly
-  ``plan["total_bits"]`` bits (stored sizes depend on shapes and settings only; a method
-  whose layout is chosen from data, AdaDim, may choose differently there).
-
-  ``plan``: ``budget_bits``, ``n_weights``, ``total_bits``, ``bits_per_weight`` (promised, over
-  the targets), ``objective`` (summed solver error), ``mean_relative_error`` (``"hessian"``:
-  size-weighted mean relative output error), ``error``, ``exact``, ``seconds`` and
-  ``layers``: path -> ``label``, ``cost_bits``, ``bits_per_weight``, ``numel``, ``error``
-  (raw), ``objective`` (normalized) and ``options`` (every candidate's label, cost, objective).
+  Errors are normalized as the module docstring says.
   """
   from lqx import calibrate, recipe, tree  # noqa: PLC0415 (recipe imports lqx.quant)
   from lqx.models import llama  # noqa: PLC0415
@@ -373,6 +381,27 @@ def allocate(config, params: dict, tokens, candidates, *, budget_bpw: float, pat
       scale = 1.0
     raw[p] = {o.label: o.error for o in opts}
     layers[p] = [dataclasses.replace(o, error=o.error * scale) for o in opts]
+  return Measured(targets, layers, raw, numel, error, time.perf_counter() - t0)
+
+
+def plan(measured: Measured, budget_bpw: float, *, resolution: int | None = None) -> tuple[tuple, dict]:
+  """``(recipe, plan)``: one option per target within ``budget_bpw`` bits per weight (over the
+  targets, everything stored included: ``budget_from_bpw``), by the exact knapsack.
+
+  The recipe is a tuple of ``recipe.Rule`` with one exact-path regex per target;
+  ``lqx.quantize(config, params, recipe, tokens, fisher=...)`` applies it, and its kernels then
+  hold exactly ``plan["total_bits"]`` bits (stored sizes depend on shapes and settings only; a
+  method whose layout is chosen from data, AdaDim, may choose differently there).
+
+  ``plan``: ``budget_bits``, ``n_weights``, ``total_bits``, ``bits_per_weight`` (promised, over
+  the targets), ``objective`` (summed solver error), ``mean_relative_error`` (``"hessian"``:
+  size-weighted mean relative output error), ``error``, ``exact``, ``seconds`` and
+  ``layers``: path -> ``label``, ``cost_bits``, ``bits_per_weight``, ``numel``, ``error``
+  (raw), ``objective`` (normalized) and ``options`` (every candidate's label, cost, objective).
+  """
+  from lqx import recipe  # noqa: PLC0415 (recipe imports lqx.quant)
+  t0 = time.perf_counter()
+  targets, layers, raw, numel, error = measured.targets, measured.layers, measured.raw, measured.numel, measured.error
   n_weights = sum(numel.values())
   budget = budget_from_bpw(budget_bpw, n_weights)
   chosen, note = _dp(layers, budget, resolution)
@@ -381,17 +410,17 @@ def allocate(config, params: dict, tokens, candidates, *, budget_bpw: float, pat
   total_bits = sum(o.cost_bits for o in chosen.values())
   objective = sum(o.error for o in chosen.values())
   rules = tuple(recipe.Rule(re.escape(p), chosen[p].payload) for p in targets)
-  plan = {
+  summary = {
       "budget_bpw": float(budget_bpw), "budget_bits": budget, "n_weights": n_weights, "total_bits": total_bits,
       "bits_per_weight": total_bits / n_weights, "objective": objective,
       "mean_relative_error": objective / n_weights if error == "hessian" else None,
-      "error": error, "exact": note is None, "seconds": time.perf_counter() - t0,
+      "error": error, "exact": note is None, "seconds": measured.seconds + time.perf_counter() - t0,
       "layers": {p: {"label": chosen[p].label, "cost_bits": chosen[p].cost_bits,
                      "bits_per_weight": chosen[p].cost_bits / numel[p], "numel": numel[p],
                      "error": raw[p][chosen[p].label], "objective": chosen[p].error,
                      "options": [{"label": o.label, "cost_bits": o.cost_bits, "objective": o.error}
                                  for o in layers[p]]} for p in targets},
   }
-  return rules, plan
+  return rules, summary
 
 
