@@ -25,6 +25,7 @@ from typing import Protocol, runtime_checkable
 import jax
 import numpy as np
 
+from lqx.formats.actquant import ActQuant
 from lqx.formats.affine import QArray
 from lqx.formats.codebook import Codebook
 from lqx.formats.lowrank import LowRank
@@ -80,3 +81,4 @@ register("affine", QArray)
 register("codebook", Codebook)
 register("lowrank", LowRank)
 register("sparse", Sparse)
+register("actquant", ActQuant)
