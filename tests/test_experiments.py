@@ -152,6 +152,13 @@ def test_allocate_smoke(tmp_path):
     run_script("allocate", ["--budget", "3", "--candidates", "gptq:3", "--json", str(tmp_path / "b.json")])
 
 
+def test_flexq_smoke(tmp_path):
+  res = run_script("flexq", ["--blocks", "1", "--eval-tokens", "512", "--json", str(tmp_path / "f.json"), "--md",
+                             str(tmp_path / "f.md")])
+  assert len(res["rows"]) == 8 and all(r["ppl"] < 1.5 * res["ppl_fp"] for r in res["rows"])
+  assert "| flexq | A8 |" in (tmp_path / "f.md").read_text()
+
+
 def test_pareto_smoke(tmp_path):
   res = run_script("pareto", ["--bits", "3", "--seeds", "0", "1", "--blocks", "1", "--configs", "rtn",
                               "squeezellm-s0.45", "gptq+wlorc-r4", "--calib-samples", "2", "--calib-seq-len", "64",
