@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lqx.formats.storage import Stored
+from lqx.formats.storage import Wrapper
 
 ACT_BITS = (4, 5, 6, 7, 8)
 
@@ -57,24 +57,12 @@ def check_act_group_size(group_size) -> int:
     meta_fields=["act_bits", "act_group_size"],
 )
 @dataclasses.dataclass(frozen=True)
-class ActQuant(Stored):
+class ActQuant(Wrapper):
   """``base``'s kernel, with its input fake-quantized per token at ``act_bits`` (module doc)."""
 
   base: Any  # any registered format standing for the (IC, OC) kernel
   act_bits: int  # 4..8
   act_group_size: int  # input channels per activation group; -1: one group spanning IC
-
-  @property
-  def shape(self) -> tuple[int, int]:
-    return tuple(self.base.shape)
-
-  @property
-  def dtype(self) -> np.dtype:
-    return self.base.dtype
-
-  @property
-  def ndim(self) -> int:
-    return 2
 
   def dequantize(self) -> jax.Array:
     """The ``(IC, OC)`` kernel: the base's (activation quantization changes no weight)."""

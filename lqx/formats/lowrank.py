@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lqx.formats import affine
-from lqx.formats.storage import Stored
+from lqx.formats.storage import Wrapper
 
 FACTOR_BITS = (8, 16)
 SCALE_DTYPE = np.dtype(jnp.float16)
@@ -67,7 +67,7 @@ def quantize_rows(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     meta_fields=["rank", "factor_bits"],
 )
 @dataclasses.dataclass(frozen=True)
-class LowRank(Stored):
+class LowRank(Wrapper):
   """``base`` plus a rank-``rank`` correction ``deq(a) @ deq(b)`` (module doc)."""
 
   base: Any  # any registered format standing for the same (IC, OC) kernel
@@ -77,18 +77,6 @@ class LowRank(Stored):
   b_scale: jax.Array | None  # (r, 1) float16 per row of b; None for float16 factors
   rank: int
   factor_bits: int  # 8 | 16
-
-  @property
-  def shape(self) -> tuple[int, int]:
-    return tuple(self.base.shape)
-
-  @property
-  def dtype(self) -> np.dtype:
-    return self.base.dtype
-
-  @property
-  def ndim(self) -> int:
-    return 2
 
   def factors(self) -> tuple[jax.Array, jax.Array]:
     """float32 ``(deq(a) (IC, r), deq(b) (r, OC))``."""

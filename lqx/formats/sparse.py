@@ -50,7 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lqx.formats.storage import Stored
+from lqx.formats.storage import Wrapper
 
 VALUE_DTYPES = (np.dtype(jnp.float16), np.dtype(jnp.float32))
 INDEX_DTYPE = np.dtype(np.int32)
@@ -81,25 +81,13 @@ def _concrete(x) -> bool:
     meta_fields=["value_dtype"],
 )
 @dataclasses.dataclass(frozen=True)
-class Sparse(Stored):
+class Sparse(Wrapper):
   """``base`` plus ``scatter_add(index, values)`` on the flat ``(IC, OC)`` kernel (module doc)."""
 
   base: Any  # any registered format standing for the same (IC, OC) kernel
   index: jax.Array  # (capacity,) int32 flat i * OC + o; padding = IC * OC
   values: jax.Array  # (capacity,) value_dtype: w - base at index; 0 for padding
   value_dtype: np.dtype
-
-  @property
-  def shape(self) -> tuple[int, int]:
-    return tuple(self.base.shape)
-
-  @property
-  def dtype(self) -> np.dtype:
-    return self.base.dtype
-
-  @property
-  def ndim(self) -> int:
-    return 2
 
   @property
   def capacity(self) -> int:

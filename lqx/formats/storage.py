@@ -1,4 +1,4 @@
-"""Exact storage of a format, counted from its leaves (shared by every format class)."""
+"""What format classes share: exact storage counted from their leaves, and a wrapper's delegation to its base."""
 
 from __future__ import annotations
 
@@ -26,3 +26,19 @@ class Stored:
   def bits_per_weight(self) -> float:
     """``stored_bits`` per weight of the ``(IC, OC)`` kernel."""
     return self.stored_bits / (self.shape[0] * self.shape[1])
+
+
+class Wrapper(Stored):
+  """Mixin for a format that wraps another in its ``base`` field: the logical kernel is the base's."""
+
+  @property
+  def shape(self) -> tuple[int, int]:
+    return tuple(self.base.shape)
+
+  @property
+  def dtype(self) -> np.dtype:
+    return self.base.dtype
+
+  @property
+  def ndim(self) -> int:
+    return 2
