@@ -231,7 +231,7 @@ class QArray(Stored):
     target = nn.pallas_target()
     if target is None or not _kernel_supports(self, x):
       return jnp.einsum("...i,io->...o", x, self.dequantize().astype(x.dtype))
-    from pallas_kernels.dequant_matmul import dequant_matmul
+    from pallas_kernels.dequant_matmul import dequant_matmul  # noqa: PLC0415 (Pallas only when used)
     x2 = x.reshape(-1, self.shape[0])
     if self.perm is not None:
       x2 = jnp.take(x2, self.perm, axis=1)
@@ -241,14 +241,14 @@ class QArray(Stored):
     return y.reshape(*x.shape[:-1], self.shape[1])
 
 
-KERNEL_BITS = (2, 3, 4, 8)
+# Inputs the formats send to a kernel (the kernels' own tests cover these two; float16 stays on XLA).
 KERNEL_X_DTYPES = (np.dtype(jnp.bfloat16), np.dtype(jnp.float32))
 
 
 def _kernel_supports(qa: QArray, x: jax.Array) -> bool:
   """Whether ``pallas_kernels.dequant_matmul`` takes this kernel and input (else ``linear`` uses XLA)."""
-  return (qa.bits in KERNEL_BITS and qa.group_axis in ("oc", "ic") and np.dtype(x.dtype) in KERNEL_X_DTYPES
-          and x.size > 0)
+  from pallas_kernels import dequant_matmul as dq  # noqa: PLC0415
+  return qa.bits in dq.BITS and qa.group_axis in dq.GROUP_AXES and np.dtype(x.dtype) in KERNEL_X_DTYPES and x.size > 0
 
 
 def _unpermute(qa: QArray, x: jax.Array) -> jax.Array:

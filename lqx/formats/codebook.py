@@ -34,7 +34,6 @@ from lqx.formats.affine import CODE_WORD, KERNEL_X_DTYPES, SCALE_DTYPES
 from lqx.formats.storage import Stored
 
 TABLE_DTYPES = SCALE_DTYPES  # float16, bfloat16, float32
-KERNEL_BITS = (2, 3, 4)  # what pallas_kernels.lut_matmul takes
 
 
 def check_table_dtype(table_dtype) -> np.dtype:
@@ -110,10 +109,11 @@ class Codebook(Stored):
     float32); XLA (dequantize, then matmul) otherwise.
     """
     target = nn.pallas_target()
-    if target is None or self.bits not in KERNEL_BITS or np.dtype(x.dtype) not in KERNEL_X_DTYPES or not x.size:
+    if target is not None:
+      from pallas_kernels import lut_matmul as lut  # noqa: PLC0415 (Pallas only when used)
+    if target is None or self.bits not in lut.BITS or np.dtype(x.dtype) not in KERNEL_X_DTYPES or not x.size:
       return jnp.einsum("...i,io->...o", x, self.dequantize().astype(x.dtype))
-    from pallas_kernels.lut_matmul import lut_matmul
-    y = lut_matmul(x.reshape(-1, self.shape[0]), self.packed, self.table, bits=self.bits, backend=target[0],
+    y = lut.lut_matmul(x.reshape(-1, self.shape[0]), self.packed, self.table, bits=self.bits, backend=target[0],
                    interpret=target[1])
     return y.reshape(*x.shape[:-1], self.shape[1])
 
