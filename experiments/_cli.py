@@ -192,3 +192,13 @@ def check_save(ap: argparse.ArgumentParser, dest: str | None, overwrite: bool, o
   if not (path / JSON_NAME).is_file() and any(path.iterdir()):
     ap.error(f"argument {option}: {dest!r} is not an lqx checkpoint folder (no {JSON_NAME}); "
              f"--overwrite replaces only checkpoints or empty folders")
+
+
+def first_blocks(pattern: str, n_blocks: int | None) -> str:
+  """``pattern`` (a param-path regex starting ``layers_\\d+``) restricted to blocks ``0..n_blocks-1``
+  (``--blocks`` of the smoke runs); unchanged for ``None``."""
+  if n_blocks is None:
+    return pattern
+  if not pattern.startswith(r"layers_\d+"):
+    raise ValueError(f"{pattern!r} does not start with layers_\\d+")
+  return "layers_(" + "|".join(map(str, range(n_blocks))) + ")" + pattern[len(r"layers_\d+"):]

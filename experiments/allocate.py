@@ -119,8 +119,7 @@ def main(argv=None) -> dict:
     raise _cli.UsageError(f"argument --text-file: {args.text_file} has {len(evaluation)} tokens, fewer than "
                           f"one window of 512")
   train = data.tokenize(tok, data.load_text("train"))
-  paths = recipe.BLOCK_LINEARS if args.blocks is None else (
-      "layers_(" + "|".join(str(i) for i in range(args.blocks)) + ")/" + recipe.BLOCK_LINEARS.split("/", 1)[1])
+  paths = _cli.first_blocks(recipe.BLOCK_LINEARS, args.blocks)
 
   def ppl(p) -> float:
     return evaluate.perplexity(config, p, evaluation, seq_len=512, max_tokens=args.eval_tokens, progress=False).ppl

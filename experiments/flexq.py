@@ -56,10 +56,8 @@ def main(argv=None) -> dict:
   config, params = io.load_model(args.model)
   params = jax.tree.map(jnp.asarray, params)
   heldout = data.tokenize(io.load_tokenizer(args.model), data.load_text("heldout"))
-  layers = r"layers_\d+" if args.blocks is None else "layers_(" + "|".join(map(str, range(args.blocks))) + ")"
-
   def only(pattern: str) -> str:  # restrict a block-linear regex to the blocks quantized here
-    return pattern.replace(r"layers_\d+", layers, 1)
+    return _cli.first_blocks(pattern, args.blocks)
 
   paths = only(recipe.BLOCK_LINEARS)
 

@@ -111,8 +111,7 @@ def main(argv=None) -> dict:
   ppl_fp = prev.get("ppl_fp") or evaluate.perplexity(config, params, heldout, seq_len=512,
                                                       max_tokens=args.eval_tokens, progress=False).ppl
   done = {(r["config"], r["bits"], r["seed"]) for r in runs}
-  blocks = recipe.BLOCK_LINEARS if args.blocks is None else (
-      "layers_(" + "|".join(str(i) for i in range(args.blocks)) + ")/" + recipe.BLOCK_LINEARS.split("/", 1)[1])
+  blocks = _cli.first_blocks(recipe.BLOCK_LINEARS, args.blocks)
 
   def save() -> dict:
     out = {"model": str(args.model), "group_size": args.group_size, "calib_samples": args.calib_samples,
