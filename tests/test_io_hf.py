@@ -194,10 +194,10 @@ def test_unknown_architecture_names_it(tmp_path):
     load_model(tmp_path)
 
 
-def test_rope_scaling_rejected(tmp_path):
+def test_rope_scaling_rejected(tmp_path):  # llama3 scaling is read: tests/test_model_families.py
   save_hf(tmp_path)
-  _edit_config(tmp_path, rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0})
-  with pytest.raises(hf.HFError, match="llama3"):
+  _edit_config(tmp_path, rope_parameters={"rope_type": "yarn", "rope_theta": 5e5, "factor": 8.0})
+  with pytest.raises(hf.HFError, match="rope_parameters type 'yarn' is not supported"):
     hf.load_hf(tmp_path)
 
 

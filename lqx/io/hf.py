@@ -7,9 +7,15 @@ BF16 and F64 are accepted and cast to ``dtype`` (float32 by default, as the GGUF
 reader returns). Torch ``(out, in)`` weights become ``(in, out)`` kernels; Q/K rows
 are already in the ``rotate_half`` layout that ``lqx.models.llama`` uses.
 
+RoPE comes from ``rope_theta`` and the scaling object (transformers 4 writes
+``rope_scaling``, transformers 5 ``rope_parameters``; where a file has both they
+must agree): the default type, or Llama 3.1's ``"llama3"`` with all of
+``factor``, ``low_freq_factor``, ``high_freq_factor`` and
+``original_max_position_embeddings`` (``LlamaConfig.rope_scaling``).
+
 What lqx's decoder does not compute is rejected with an error, not approximated:
-scaled RoPE (``rope_scaling``/``rope_parameters`` other than the default type, or
-with keys beyond ``rope_theta``), partial rotary embeddings, mixture-of-experts
+other RoPE scalings (``linear``, ``dynamic``, ``yarn``, ``longrope``, ...) or
+scaling keys a type does not use, partial rotary embeddings, mixture-of-experts
 keys, activations other than SiLU, LLaMA's ``attention_bias`` (it includes an
 o_proj bias) and ``mlp_bias``, and ``auto_map`` custom model code. A sliding
 attention window W (Mistral v0.1, Qwen2 with ``use_sliding_window``) is accepted:
@@ -43,7 +49,7 @@ import ml_dtypes  # noqa: F401  registers bfloat16 with numpy, so safetensors' n
 import numpy as np
 
 from lqx.io.errors import ModelFileError
-from lqx.models.llama import LlamaConfig, layer_names
+from lqx.models.llama import Llama3RoPE, LlamaConfig, layer_names
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 _MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
@@ -58,6 +64,7 @@ _LIMITS = {  # upper bounds of config.json counts, far above any released model
     "max_position_embeddings": 1 << 26, "sliding_window": 1 << 26,
 }
 _ROPE_KEYS = ("rope_type", "type", "rope_theta", "partial_rotary_factor")
+_LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 _MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "num_experts_per_tok",
              "moe_intermediate_size", "n_shared_experts", "shared_expert_intermediate_size")
 _LAYER_TYPES = ("full_attention", "sliding_attention")
@@ -256,9 +263,25 @@ def _full_rotary(v, field: str, file: Path):
     raise HFError(f"{file}: {field}={_show(v)} is not supported (lqx rotates the whole head)")
 
 
-def _rope_theta(cfg: dict, path: Path) -> float:
-  """RoPE base; raises on any RoPE scaling (transformers 4: ``rope_scaling``, 5: ``rope_parameters``)."""
-  thetas = {}
+def _llama3(rp: dict, key: str, path: Path) -> Llama3RoPE:
+  """The Llama 3.1 scaling of a ``rope_type: "llama3"`` object; every field required and checked."""
+  missing = [k for k in _LLAMA3_KEYS if rp.get(k) is None]
+  if missing:
+    raise HFError(f"{path}: {key} of type 'llama3' lacks {', '.join(map(repr, missing))}")
+  factor, low, high = (_float(rp[k], f"{key}.{k}", path) for k in _LLAMA3_KEYS[:3])
+  orig = rp["original_max_position_embeddings"]
+  if type(orig) is not int or not 1 <= orig <= _LIMITS["max_position_embeddings"]:
+    raise HFError(f"{path}: {key}.original_max_position_embeddings must be an integer in "
+                  f"[1, {_LIMITS['max_position_embeddings']}], got {_show(orig)}")
+  if high <= low:
+    raise HFError(f"{path}: {key}.high_freq_factor={high} must be above low_freq_factor={low}")
+  return Llama3RoPE(factor, low, high, orig)
+
+
+def _rope(cfg: dict, path: Path) -> tuple[float, Llama3RoPE | None]:
+  """RoPE base and scaling (None or Llama 3.1's) from ``rope_theta`` and the scaling objects
+  (transformers 4: ``rope_scaling``, 5: ``rope_parameters``), which must agree where both are given."""
+  thetas, scalings = {}, {}
   if cfg.get("rope_theta") is not None:
     thetas["rope_theta"] = _float(cfg["rope_theta"], "rope_theta", path)
   if "partial_rotary_factor" in cfg:
@@ -270,18 +293,25 @@ def _rope_theta(cfg: dict, path: Path) -> float:
     if not isinstance(rp, dict):
       raise HFError(f"{path}: {key} must be an object or null, got {_show(rp)}")
     kind = rp.get("rope_type", rp.get("type", "default"))
-    if kind not in (None, "default"):
-      raise HFError(f"{path}: {key} type {_show(kind)} is not supported (lqx implements unscaled RoPE only)")
-    extra = sorted(k for k in rp if k not in _ROPE_KEYS)
+    if kind not in (None, "default", "llama3"):
+      raise HFError(f"{path}: {key} type {_show(kind)} is not supported "
+                    f"(lqx implements unscaled RoPE and 'llama3' scaling only)")
+    known = _ROPE_KEYS + (_LLAMA3_KEYS if kind == "llama3" else ())
+    extra = sorted(k for k in rp if k not in known)
     if extra:
-      raise HFError(f"{path}: {key} has {', '.join(map(repr, extra))}, which lqx's unscaled RoPE does not implement")
+      raise HFError(f"{path}: {key} has {', '.join(map(repr, extra))}, which lqx's "
+                    f"{'llama3-scaled' if kind == 'llama3' else 'unscaled'} RoPE does not implement")
     if "partial_rotary_factor" in rp:
       _full_rotary(rp["partial_rotary_factor"], f"{key}.partial_rotary_factor", path)
     if rp.get("rope_theta") is not None:
       thetas[f"{key}.rope_theta"] = _float(rp["rope_theta"], f"{key}.rope_theta", path)
+    scalings[key] = _llama3(rp, key, path) if kind == "llama3" else None
   if len(set(thetas.values())) > 1:
     raise HFError(f"{path}: RoPE bases disagree: {', '.join(f'{k}={v}' for k, v in thetas.items())}")
-  return next(iter(thetas.values()), 10000.0)
+  if len(set(scalings.values())) > 1:
+    shown = (f"{k} is {'unscaled' if v is None else v}" for k, v in scalings.items())
+    raise HFError(f"{path}: RoPE scalings disagree: {', '.join(shown)}")
+  return next(iter(thetas.values()), 10000.0), next(iter(scalings.values()), None)
 
 
 def _sliding_window(cfg: dict, arch: str, path: Path, n_layers: int) -> int | None:
@@ -335,6 +365,7 @@ def read_config(path: str | Path) -> LlamaConfig:
   if (head_dim or dim // n_heads) % 2:
     raise HFError(f"{file}: head_dim={head_dim or dim // n_heads} must be even for RoPE")
   max_len = _int(cfg, "max_position_embeddings", file, 2048)
+  rope_theta, rope_scaling = _rope(cfg, file)
   window = _sliding_window(cfg, arch, file, n_layers)
   if window is not None:
     max_len = min(max_len, window)
@@ -347,7 +378,8 @@ def read_config(path: str | Path) -> LlamaConfig:
         n_kv_heads=n_kv,
         ffn_dim=_int(cfg, "intermediate_size", file),
         head_dim=head_dim,
-        rope_theta=_rope_theta(cfg, file),
+        rope_theta=rope_theta,
+        rope_scaling=rope_scaling,
         norm_eps=_float(cfg.get("rms_norm_eps", 1e-6), "rms_norm_eps", file, hi=1.0),
         tie_embeddings=_bool(cfg, "tie_word_embeddings", file, False),
         attn_bias=arch == "Qwen2ForCausalLM",

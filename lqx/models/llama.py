@@ -1,8 +1,9 @@
 """LLaMA-family decoder as pure functions of ``(config, params)``.
 
 Covers LLaMA / Mistral / SmolLM2 (GQA, RoPE, RMSNorm, SwiGLU, tied or untied
-head) and Qwen2-style q/k/v biases. The parameter pytree is plain nested dicts;
-every kernel is ``(in, out)`` and may be a float array or a ``QArray``::
+head), Llama 3.1's RoPE scaling (``Llama3RoPE``) and Qwen2-style q/k/v biases.
+The parameter pytree is plain nested dicts; every kernel is ``(in, out)`` and may
+be a float array or a ``QArray``::
 
   embed/embedding                       (V, D)
   layers_{i}/attn_norm/scale            (D,)
@@ -25,12 +26,42 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
+import sys
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from lqx import data, nn
+
+
+class Llama3RoPE(NamedTuple):
+  """Llama 3.1 RoPE scaling (``rope_type: "llama3"``); see ``rope_inv_freq``.
+
+  A tuple, so a ``LlamaConfig`` holding it stays hashable and a checkpoint stores
+  it as a plain tuple (restored through ``LlamaConfig.__post_init__``).
+  """
+
+  factor: float  # low frequencies are divided by this (8 in Llama 3.1)
+  low_freq_factor: float  # wavelengths above original_max_len / low_freq_factor are fully scaled
+  high_freq_factor: float  # wavelengths below original_max_len / high_freq_factor are kept
+  original_max_len: int  # the pretraining context (original_max_position_embeddings)
+
+  def check(self) -> Llama3RoPE:
+    """This scaling with float factors and an int length, or ``ValueError`` naming the bad field."""
+    vals = []
+    for name, v in zip(self._fields, self):
+      if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= sys.float_info.max:
+        raise ValueError(f"Llama3RoPE.{name} must be a finite number above 0, got {v!r}")
+      if name == "original_max_len" and int(v) != v:
+        raise ValueError(f"Llama3RoPE.original_max_len must be an integer, got {v!r}")
+      vals.append(int(v) if name == "original_max_len" else float(v))
+    out = Llama3RoPE(*vals)
+    if out.high_freq_factor <= out.low_freq_factor:
+      raise ValueError(f"Llama3RoPE.high_freq_factor={out.high_freq_factor} must be above "
+                       f"low_freq_factor={out.low_freq_factor}")
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +76,7 @@ class LlamaConfig:
   ffn_dim: int
   head_dim: int | None = None  # default dim // n_heads
   rope_theta: float = 10000.0
+  rope_scaling: Llama3RoPE | None = None  # None: plain RoPE
   norm_eps: float = 1e-5
   tie_embeddings: bool = True
   attn_bias: bool = False
@@ -68,6 +100,11 @@ class LlamaConfig:
       object.__setattr__(self, "head_dim", self.dim // self.n_heads)
     if self.head_dim % 2:
       raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
+    if self.rope_scaling is not None:
+      r = self.rope_scaling
+      if not (isinstance(r, tuple) and len(r) == len(Llama3RoPE._fields)):
+        raise ValueError(f"LlamaConfig.rope_scaling must be None or a Llama3RoPE{Llama3RoPE._fields}, got {r!r}")
+      object.__setattr__(self, "rope_scaling", Llama3RoPE(*r).check())
 
   @property
   def q_dim(self) -> int:
@@ -127,10 +164,30 @@ class KVCache(NamedTuple):
   v: jax.Array
 
 
-def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-  """Rotary embedding, HF layout. x: (B, T, N, Dh); positions: (T,) int."""
-  half = x.shape[-1] // 2
+def rope_inv_freq(head_dim: int, theta: float, scaling: Llama3RoPE | None = None) -> jax.Array:
+  """RoPE inverse frequencies (head_dim // 2,) float32: ``theta ** (-2i / head_dim)``.
+
+  With Llama 3.1 scaling (wavelength ``w = 2 pi / f``, ``L = original_max_len``):
+  ``f`` is kept where ``w < L / high_freq_factor``, divided by ``factor`` where
+  ``w > L / low_freq_factor``, and in between mixed as ``(1 - s) f / factor + s f``
+  with ``s = (L / w - low_freq_factor) / (high_freq_factor - low_freq_factor)``
+  (0 at the long end of the band, 1 at the short end, so the three pieces join).
+  """
+  half = head_dim // 2
   inv_freq = 1.0 / (theta ** (jnp.arange(half, dtype=jnp.float32) / half))
+  if scaling is None:
+    return inv_freq
+  factor, low, high, orig = scaling
+  wavelen = 2 * math.pi / inv_freq
+  s = (orig / wavelen - low) / (high - low)
+  mixed = (1 - s) * inv_freq / factor + s * inv_freq
+  return jnp.where(wavelen < orig / high, inv_freq, jnp.where(wavelen > orig / low, inv_freq / factor, mixed))
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float, scaling: Llama3RoPE | None = None) -> jax.Array:
+  """Rotary embedding, HF layout. x: (B, T, N, Dh); positions: (T,) int; ``scaling`` see ``rope_inv_freq``."""
+  half = x.shape[-1] // 2
+  inv_freq = rope_inv_freq(x.shape[-1], theta, scaling)
   angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # (T, half)
   cos = jnp.cos(angles)[None, :, None, :]
   sin = jnp.sin(angles)[None, :, None, :]
@@ -168,8 +225,8 @@ def attend(config: LlamaConfig, p: dict, x: jax.Array, positions: jax.Array,
   q = nn.linear(x, p["q_proj"]["kernel"], p["q_proj"].get("bias")).reshape(B, T, c.n_heads, c.head_dim)
   k = nn.linear(x, p["k_proj"]["kernel"], p["k_proj"].get("bias")).reshape(B, T, c.n_kv_heads, c.head_dim)
   v = nn.linear(x, p["v_proj"]["kernel"], p["v_proj"].get("bias")).reshape(B, T, c.n_kv_heads, c.head_dim)
-  q = rope(q, positions, c.rope_theta)
-  k = rope(k, positions, c.rope_theta)
+  q = rope(q, positions, c.rope_theta, c.rope_scaling)
+  k = rope(k, positions, c.rope_theta, c.rope_scaling)
   if cache is None:
     key_pos = positions
   else:
