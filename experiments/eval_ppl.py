@@ -4,9 +4,11 @@
       [--max-tokens N] [--batch-size 4] [--json OUT]
 
 ``--model`` is ``smollm2-135m``, a GGUF file, a Hugging Face folder, or a quantized
-checkpoint saved by ``experiments/quantize.py --save DIR``. Without ``--text-file``
-the held-out Shakespeare works are used. Arguments are checked before the model
-loads; an error prints one ``error: ...`` line (``--debug``: the traceback).
+checkpoint saved by ``experiments/quantize.py --save DIR`` (its tokenizer is the one
+stored in it, so the folder may have moved; the JSON records its recipe). Without
+``--text-file`` the held-out Shakespeare works are used. Arguments, then the
+tokenizer, are checked before the model loads; an error prints one ``error: ...``
+line (``--debug``: the traceback).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import sys
 from pathlib import Path
 
 from lqx import data, evaluate, io
+from lqx.io import checkpoint
 
 if str(Path(__file__).resolve().parent) not in sys.path:
   sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -36,10 +39,10 @@ def main(argv=None) -> dict:
   if args.max_tokens is not None and args.max_tokens < args.seq_len:
     ap.error(f"argument --max-tokens: {args.max_tokens} is less than one window of --seq-len {args.seq_len}")
 
+  tokenizer = io.load_tokenizer(args.model)  # first: a checkpoint whose tokenizer is gone fails before the load
   config, params = io.load_model(args.model)
   if args.seq_len > config.max_seq_len:
     raise _cli.UsageError(f"argument --seq-len: {args.seq_len} exceeds the model's max_seq_len {config.max_seq_len}")
-  tokenizer = io.load_tokenizer(args.model)
   if args.text_file:
     with open(args.text_file, encoding="utf-8") as f:
       text = f.read()
@@ -48,7 +51,8 @@ def main(argv=None) -> dict:
   tokens = data.tokenize(tokenizer, text)
   result = evaluate.perplexity(config, params, tokens, seq_len=args.seq_len,
                                batch_size=args.batch_size, max_tokens=args.max_tokens)
-  out = {"model": str(args.model), "text": args.text_file or "heldout", **result.to_json()}
+  stored = checkpoint.read_json(args.model).get("recipe") if checkpoint.is_checkpoint(args.model) else None
+  out = {"model": str(args.model), "text": args.text_file or "heldout", "recipe": stored, **result.to_json()}
   print(f"{args.model}: ppl {result.ppl:.3f} (nll {result.nll:.4f}) on {result.tokens} predicted tokens, "
         f"{result.windows} windows of {result.seq_len}; {result.tokens_per_second:.0f} tok/s")
   if args.json:

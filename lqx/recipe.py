@@ -4,6 +4,8 @@ A recipe is a sequence of ``Rule``s; each parameter path (``"layers_3/attn/q_pro
 takes the method of the first rule whose regex matches it in full, and stays
 float when no rule matches or the rule's method is ``None``. The default recipe
 quantizes every block linear and leaves embeddings, norms and the head in float.
+``save_recipe`` / ``load_recipe`` write and read recipes as JSON or YAML files
+(``lqx.recipe_file``).
 """
 
 from __future__ import annotations
@@ -46,6 +48,18 @@ def default_recipe(method: Method) -> tuple[Rule, ...]:
   return (Rule(BLOCK_LINEARS, method),)
 
 
+def load_recipe(path) -> tuple[Rule, ...]:
+  """The rules of a ``.json`` / ``.yaml`` recipe file (``lqx.recipe_file``); ``RecipeError`` names file, rule, field."""
+  from lqx import recipe_file  # noqa: PLC0415 (it imports this module)
+
+  return recipe_file.load(path)
+
+
+def save_recipe(path, rules) -> None:
+  """Write ``rules`` to a ``.json`` / ``.yaml`` recipe file (``lqx.recipe_file``) that ``load_recipe`` reads back equal."""
+  from lqx import recipe_file  # noqa: PLC0415
+
+  recipe_file.save(path, rules)
 
 
 def match(recipe, params) -> dict[str, Method]:

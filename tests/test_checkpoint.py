@@ -396,7 +396,7 @@ def _set_shape(doc):
 
 @pytest.mark.parametrize("damage, message", [
     (lambda p: (p / ck.JSON_NAME).write_text((p / ck.JSON_NAME).read_text()[:200]), "corrupt, not valid JSON"),
-    (lambda p: _edit_json(p, lambda d: d.update(version=4)), "format version 4; this lqx reads versions 1, 2, 3"),
+    (lambda p: _edit_json(p, lambda d: d.update(version=5)), "format version 5; this lqx reads versions 1, 2, 3, 4"),
     (lambda p: _edit_json(p, lambda d: d.update(format="other")), "corrupt, not an lqx checkpoint description"),
     (lambda p: _edit_json(p, lambda d: d.pop("tree")), "corrupt, 'tree' is missing"),
     (lambda p: _edit_json(p, lambda d: d["config"]["fields"].update(dim=-1)), "corrupt config: LlamaConfig.dim"),
@@ -671,7 +671,7 @@ def test_none_and_dict_configs(tmp_path):
 
 def test_llama_config_is_stored_as_class_and_fields(saved):
   doc = ck.read_json(saved)
-  assert doc["version"] == ck.VERSION == 3
+  assert doc["version"] == ck.VERSION == 4
   assert doc["config"] == {"class": "lqx.models.llama:LlamaConfig", "fields": dataclasses.asdict(CONFIG)}
 
 

@@ -3,8 +3,15 @@
 A checkpoint is a folder::
 
   <directory>/
-    lqx_checkpoint.json   format + version, the model config, user metadata, the tree, checksums
+    lqx_checkpoint.json   format + version, the model config, user metadata, the recipe, the tree, checksums
     arrays/               orbax-checkpoint PyTree (OCDBT) holding every array leaf
+    tokenizer/            optional: the Hugging Face tokenizer files (tokenizer.json, tokenizer_config.json, ..)
+
+``"tokenizer"`` is ``null`` or ``{file name: sha256}`` of the files in ``tokenizer/``
+(:func:`read_tokenizer` checks them), so a checkpoint moved or copied anywhere still
+has its tokenizer (``lqx.io.load_tokenizer``). ``"recipe"`` is ``null`` or the rules
+that made the params, as the JSON list of a recipe file (``lqx.recipe_file``;
+:func:`read_recipe`).
 
 The tree description (``"tree"``) is a node per params node::
 
@@ -40,7 +47,8 @@ static fields). Restore builds a class only from the allow-list ``CONFIGS``
 (:class:`lqx.models.llama.LlamaConfig` and what :func:`register_config` adds);
 nothing is imported by name from the file and nothing is pickled.
 
-Older files still restore: version 2 (no array checksums, ``config_sha256`` or
+Older files still restore: version 3 (no ``"tokenizer"`` or ``"recipe"``; their
+tokenizer is the ``source_model`` their metadata names), version 2 (no array checksums, ``config_sha256`` or
 ``"files"``; restore warns that the arrays are not verified) and version 1 (spec
 key ``"qarray"`` for an affine QArray, ``"config"`` the bare ``LlamaConfig``
 fields, no digests). In the orbax tree a format is a dict of its non-None data
@@ -82,6 +90,7 @@ import socket
 import sys
 import uuid
 import warnings
+import re
 from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import quote
@@ -95,10 +104,12 @@ from lqx.formats import affine
 from lqx.models.llama import LlamaConfig
 
 FORMAT = "lqx-checkpoint"
-VERSION = 3
-READS = (1, 2, 3)
+VERSION = 4
+READS = (1, 2, 3, 4)
 JSON_NAME = "lqx_checkpoint.json"
 ARRAYS_NAME = "arrays"
+TOKENIZER_NAME = "tokenizer"
+_TOKENIZER_FILE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")  # a plain file name, no folders
 TMP_MARK = ".lqx-tmp-"
 OLD_MARK = ".lqx-old-"
 SAVE_MARK = ".lqx-save"
@@ -556,9 +567,9 @@ def _owned_files(folder: Path) -> list[str]:
   """Every file in ``folder`` if it is an lqx checkpoint holding only files lqx wrote; else ``FileExistsError``.
 
   Recognised by its ``lqx_checkpoint.json`` (format ``lqx-checkpoint``), nothing
-  beside it but ``arrays/``, and under ``arrays/`` only the files its ``"files"``
-  list names (checkpoints older than version 3 have no list: all of ``arrays/``
-  counts as lqx's). An empty folder holds nothing to delete.
+  beside it but ``arrays/`` and ``tokenizer/``, and under them only the files its
+  ``"files"`` list names (checkpoints older than version 3 have no list: all of
+  ``arrays/`` counts as lqx's). An empty folder holds nothing to delete.
   """
   if folder.is_symlink() or not folder.is_dir():
     raise FileExistsError(f"{folder}: exists and is not a folder; refusing to replace it")
@@ -574,10 +585,12 @@ def _owned_files(folder: Path) -> list[str]:
   if listed is False:
     raise FileExistsError(f"{folder}: is not an lqx checkpoint folder (no readable {JSON_NAME}); "
                           f"refusing to replace it")
-  for rel in sorted(found) + sorted(top - {JSON_NAME, ARRAYS_NAME}):
+  for rel in sorted(found) + sorted(top - {JSON_NAME, ARRAYS_NAME, TOKENIZER_NAME}):
     if rel == JSON_NAME:
       continue
-    if not (rel.startswith(ARRAYS_NAME + "/") and (rel in listed if isinstance(listed, dict) else True)):
+    ours = rel.split("/")[0] in (ARRAYS_NAME, TOKENIZER_NAME) if isinstance(listed, dict) else rel.startswith(
+        ARRAYS_NAME + "/")
+    if not (ours and (rel in listed if isinstance(listed, dict) else True)):
       raise FileExistsError(f"{folder}: holds {rel}, which lqx did not write; refusing to replace this "
                             f"checkpoint (move the file out of it first)")
   return sorted(found)
@@ -699,8 +712,31 @@ def is_checkpoint(path: str | Path) -> bool:
 # ----------------------------------------------------------------------------- save
 
 
-def save(directory: str | Path, config, params, *, metadata: dict | None = None,
-         overwrite: bool = False) -> Path:
+def _tokenizer_files(tokenizer) -> dict[str, bytes]:
+  """``tokenizer`` (``{file name: bytes}``, or what ``lqx.io.tokenizer_files`` takes) as checked files, by name."""
+  if not isinstance(tokenizer, dict):
+    from lqx.io import tokenizer_files  # noqa: PLC0415 (lqx.io imports this module)
+
+    tokenizer = tokenizer_files(tokenizer)
+  if not tokenizer:
+    raise ValueError("tokenizer holds no files")
+  for name, data in tokenizer.items():
+    if not (isinstance(name, str) and _TOKENIZER_FILE.fullmatch(name)):
+      raise ValueError(f"tokenizer file name {name!r} is not a plain file name (letters, digits, '_', '.', '-')")
+    if not isinstance(data, bytes):
+      raise TypeError(f"tokenizer file {name!r} holds a {type(data).__name__}, expected bytes")
+  return dict(sorted(tokenizer.items()))
+
+
+def _write_file(path: Path, data: bytes) -> None:
+  with open(path, "xb") as f:
+    f.write(data)
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def save(directory: str | Path, config, params, *, metadata: dict | None = None, tokenizer=None,
+         recipe=None, overwrite: bool = False) -> Path:
   """Save ``(config, params, metadata)`` to the folder ``directory``, atomically; returns its path.
 
   ``config``: a dataclass instance (stored as class name + fields; restore builds
@@ -709,7 +745,11 @@ def save(directory: str | Path, config, params, *, metadata: dict | None = None,
   tuple, dict, dtype). ``params``: nested dicts (str keys) of arrays and
   registered formats (``lqx.formats.FORMATS``); each array's :func:`array_sha256`
   is stored. ``metadata``: a JSON-serializable dict (it comes back through JSON:
-  tuples become lists). Raises ``FileExistsError`` if ``directory`` exists, unless
+  tuples become lists). ``tokenizer``: None, ``{file name: bytes}`` or anything
+  ``lqx.io.tokenizer_files`` takes (a model name or path, a tokenizer object): its
+  files are stored in ``tokenizer/`` with their sha256. ``recipe``: None or the
+  ``Rule``s that made ``params`` (stored as recipe-file JSON, ``lqx.recipe_file``;
+  ``TypeError`` if a method cannot be written). Raises ``FileExistsError`` if ``directory`` exists, unless
   ``overwrite=True`` and it is an empty folder or an lqx checkpoint holding only
   files lqx wrote, which is then replaced (only those files are deleted). Leftovers
   of interrupted saves of ``directory`` are removed first if stale, else reported
@@ -726,6 +766,11 @@ def save(directory: str | Path, config, params, *, metadata: dict | None = None,
   except (TypeError, ValueError) as e:
     raise TypeError(f"metadata is not JSON-serializable: {e}") from e
   spec = _spec(params, concrete=True)
+  tok = {} if tokenizer is None else _tokenizer_files(tokenizer)
+  if recipe is not None:
+    from lqx import recipe_file  # noqa: PLC0415 (imports the quantization code)
+
+    recipe = recipe_file.encode(recipe)
   if dest.exists() or dest.is_symlink():
     if not overwrite:
       raise FileExistsError(f"{dest}: already exists; pass overwrite=True to replace it")
@@ -735,6 +780,7 @@ def save(directory: str | Path, config, params, *, metadata: dict | None = None,
 
   doc = {"format": FORMAT, "version": VERSION, "orbax_checkpoint": ocp.__version__,
          "config": config_doc, "config_sha256": _digest(config_doc), "metadata": metadata,
+         "tokenizer": {n: hashlib.sha256(b).hexdigest() for n, b in tok.items()} or None, "recipe": recipe,
          "tree_sha256": _digest(spec), "tree": spec}
   dest.parent.mkdir(parents=True, exist_ok=True)
   _clean_leftovers(dest)
@@ -747,6 +793,10 @@ def save(directory: str | Path, config, params, *, metadata: dict | None = None,
       _save_arrays(tmp / ARRAYS_NAME, tree)
     else:
       (tmp / ARRAYS_NAME).mkdir()  # orbax refuses an empty tree
+    if tok:
+      (tmp / TOKENIZER_NAME).mkdir()
+      for name, data in tok.items():
+        _write_file(tmp / TOKENIZER_NAME / name, data)
     files = {k: v for k, v in sorted(_files(tmp).items()) if k != SAVE_MARK}
     _write_json(tmp / JSON_NAME, {**doc, "files": files})
     os.unlink(tmp / SAVE_MARK)
@@ -799,7 +849,7 @@ def read_json(directory: str | Path) -> dict:
       and (c["class"] is None or isinstance(c["class"], str)))
   if not ok:
     raise CheckpointError(f"{jpath}: corrupt, 'config' is missing or not a config description")
-  need = {2: ("tree_sha256",), 3: ("tree_sha256", "config_sha256")}.get(version, ())
+  need = {1: (), 2: ("tree_sha256",)}.get(version, ("tree_sha256", "config_sha256"))
   for key in need:
     if not _is_sha256(doc.get(key)):
       raise CheckpointError(f"{jpath}: corrupt, {key!r} is missing or not a sha256 hex digest")
@@ -807,7 +857,68 @@ def read_json(directory: str | Path) -> dict:
   if (version >= 3 or f is not None) and not (
       isinstance(f, dict) and all(type(v) is int and v >= 0 for v in f.values())):
     raise CheckpointError(f"{jpath}: corrupt, 'files' is missing or not a {{path: size}} dict")
+  t = doc.get("tokenizer")
+  if t is not None and not (
+      isinstance(t, dict) and t and all(isinstance(k, str) and _TOKENIZER_FILE.fullmatch(k) and _is_sha256(v)
+                                        and f"{TOKENIZER_NAME}/{k}" in (f or {}) for k, v in t.items())):
+    raise CheckpointError(f"{jpath}: corrupt, 'tokenizer' is not a {{file name: sha256}} dict of files "
+                          f"listed in 'files'")
+  if not isinstance(doc.get("recipe"), (list, type(None))):
+    raise CheckpointError(f"{jpath}: corrupt, 'recipe' is not a list of rules")
   return doc
+
+
+def read_tokenizer(directory: str | Path) -> dict[str, bytes] | None:
+  """``{file name: bytes}`` of the tokenizer stored in a checkpoint, each checked against its sha256; None if none.
+
+  Checkpoints before version 4 store none (``lqx.io.load_tokenizer`` then follows
+  their ``source_model``).
+  """
+  path = Path(directory).expanduser().absolute()
+  doc = read_json(path)
+  if doc.get("tokenizer") is None:
+    return None
+  out = {}
+  for name, sha in doc["tokenizer"].items():
+    rel = f"{TOKENIZER_NAME}/{name}"
+    try:
+      data = (path / rel).read_bytes()
+    except OSError as e:
+      raise CheckpointError(f"{path}: incomplete checkpoint, {rel} is unreadable: {e.strerror or e}") from e
+    if hashlib.sha256(data).hexdigest() != sha:
+      raise CheckpointError(f"{path}: corrupt, {rel} does not match the sha256 saved for it in {JSON_NAME} "
+                            f"(damaged or edited?)")
+    out[name] = data
+  return out
+
+
+def read_recipe(directory: str | Path) -> tuple | None:
+  """The recipe (``lqx.recipe.Rule``s) stored in a checkpoint by ``save(..., recipe=)``; None if it has none.
+
+  ``lqx.recipe.save_recipe(file, rules)`` writes it to a recipe file.
+  """
+  from lqx import recipe_file  # noqa: PLC0415
+
+  path = Path(directory).expanduser().absolute()
+  doc = read_json(path)
+  if doc.get("recipe") is None:
+    return None
+  try:
+    return recipe_file.decode(doc["recipe"], f"{path / JSON_NAME} 'recipe'")
+  except recipe_file.RecipeError as e:
+    raise CheckpointError(str(e)) from None
+
+
+def add_tokenizer(directory: str | Path, tokenizer) -> Path:
+  """Re-save the checkpoint ``directory`` with ``tokenizer`` stored in it (config, params, metadata and recipe kept).
+
+  ``tokenizer`` as :func:`save` takes it, e.g. the model the checkpoint was made
+  from. The arrays are restored (verified) and written again; atomic like :func:`save`.
+  """
+  files = _tokenizer_files(tokenizer)
+  recipe = read_recipe(directory)
+  config, params, metadata = restore(directory)
+  return save(directory, config, params, metadata=metadata, tokenizer=files, recipe=recipe, overwrite=True)
 
 
 def _config(doc: dict, jpath: Path, build: bool):
@@ -896,8 +1007,9 @@ def _check_files(doc: dict, path: Path) -> None:
   """Every file of ``"files"`` is there with its size (checkpoints before version 3 have no list)."""
   for rel, size in (doc.get("files") or {}).items():
     parts = rel.split("/")
-    if not (rel and parts[0] == ARRAYS_NAME and all(x and x not in (".", "..") for x in parts)):
-      raise CheckpointError(f"{path / JSON_NAME}: corrupt, 'files' lists {rel!r}, not a path under {ARRAYS_NAME}/")
+    if not (rel and parts[0] in (ARRAYS_NAME, TOKENIZER_NAME) and all(x and x not in (".", "..") for x in parts)):
+      raise CheckpointError(f"{path / JSON_NAME}: corrupt, 'files' lists {rel!r}, not a path under {ARRAYS_NAME}/ "
+                            f"or {TOKENIZER_NAME}/")
     f = path / rel
     if not f.is_file():
       raise CheckpointError(f"{path}: incomplete checkpoint, {rel} is missing")
@@ -1001,5 +1113,6 @@ def restore(directory: str | Path, target=None, *, shardings=None, build_config:
   return config, _build(spec, arrays), doc["metadata"]
 
 
-__all__ = ["CheckpointError", "CONFIGS", "VALIDATORS", "save", "restore", "read_json", "is_checkpoint",
-           "first_mismatch", "register_config", "config_name", "array_sha256"]
+__all__ = ["CheckpointError", "CONFIGS", "VALIDATORS", "save", "restore", "read_json", "read_tokenizer",
+           "read_recipe", "add_tokenizer", "is_checkpoint", "first_mismatch", "register_config", "config_name",
+           "array_sha256"]
