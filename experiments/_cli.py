@@ -1,8 +1,12 @@
 """What the experiment scripts' command lines share: check everything before any work starts.
 
 * :func:`parser`: an ``ArgumentParser`` whose ``--help`` shows defaults (and keeps the
-  module docstring's layout), with ``--debug``; a usage error prints one line
-  ``error: argument --x: ...`` and exits 2 (``SystemExit``, as argparse does).
+  module docstring's layout), with ``--debug`` and ``--out-dir``; a usage error prints one
+  line ``error: argument --x: ...`` and exits 2 (``SystemExit``, as argparse does).
+* Outputs: every argument of type :func:`output_file` / :func:`output_dir` given as a
+  relative path is written under ``--out-dir`` (default: ``results/`` beside the repo,
+  whatever the current directory; created when needed). Absolute paths are kept as given.
+  Inputs (:func:`existing_file`, ...) stay relative to the current directory.
 * argparse ``type=`` checkers: :func:`int_at_least` (``positive_int``, ``nonneg_int``),
   :func:`group_size`, :func:`existing_file`, :func:`existing_dir`, :func:`model`, :func:`output_file`,
   :func:`output_dir`; and :func:`check_save` for a ``--save`` folder with ``--overwrite``.
@@ -18,6 +22,8 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent.parent / "results"  # default --out-dir
 
 
 class UsageError(ValueError):
@@ -50,11 +56,41 @@ class Parser(argparse.ArgumentParser):
   def error(self, message):
     self.exit(2, f"error: {' '.join(message.split())}\n")
 
+  def parse_args(self, args=None, namespace=None):
+    """Parsed arguments, with relative output paths moved under ``--out-dir`` and checked there."""
+    ns = super().parse_args(args, namespace)
+    out_dir = Path(getattr(ns, "out_dir", None) or RESULTS).expanduser()
+    for action in self._actions:
+      if action.type not in (output_file, output_dir) or getattr(ns, action.dest, None) is None:
+        continue
+      value = getattr(ns, action.dest)
+      try:
+        if out_dir.exists() and not out_dir.is_dir():
+          raise argparse.ArgumentTypeError(f"--out-dir {str(out_dir)!r} exists and is not a folder")
+        placed = [_place(out_dir, v, action.type) for v in value] if isinstance(value, list) else (
+            _place(out_dir, value, action.type))
+      except argparse.ArgumentTypeError as e:
+        self.error(f"argument {'/'.join(action.option_strings) or action.dest}: {e}")
+      setattr(ns, action.dest, placed)
+    return ns
+
+
+def _place(out_dir: Path, text: str, kind) -> str:
+  """``text`` under ``out_dir`` unless absolute (``~`` expanded); checked again by ``kind`` there."""
+  path = Path(text).expanduser()
+  if not path.is_absolute():
+    path = out_dir / path
+    if path.parent == out_dir or kind is output_dir:
+      out_dir.mkdir(parents=True, exist_ok=True)
+  return kind(str(path))
+
 
 def parser(description: str | None) -> Parser:
-  """The scripts' parser: :class:`HelpFormatter`, one-line usage errors (exit 2), ``--debug``."""
+  """The scripts' parser: :class:`HelpFormatter`, one-line usage errors (exit 2), ``--debug``, ``--out-dir``."""
   ap = Parser(description=description, formatter_class=HelpFormatter)
   ap.add_argument("--debug", action="store_true", help="on an error, show the full traceback instead of one line")
+  ap.add_argument("--out-dir", default=str(RESULTS),
+                  help="relative output paths (--json, --md, --plot, ...) are written under this folder")
   return ap
 
 
@@ -153,8 +189,11 @@ def model(text: str) -> str:
 
 
 def output_file(text: str) -> str:
-  """argparse type: a file to write: not a folder, and its folder exists."""
+  """argparse type: a file to write: not a folder, and its folder exists (a relative path: checked
+  under ``--out-dir`` once parsed, see :meth:`Parser.parse_args`)."""
   path = Path(text).expanduser()
+  if not path.is_absolute():
+    return text
   if path.is_dir():
     raise argparse.ArgumentTypeError(f"{text!r} is a folder, expected a file path to write")
   if not path.absolute().parent.is_dir():
@@ -163,9 +202,10 @@ def output_file(text: str) -> str:
 
 
 def output_dir(text: str) -> str:
-  """argparse type: a folder to write into (created if missing): not an existing file."""
+  """argparse type: a folder to write into (created if missing): not an existing file (a relative
+  path: checked under ``--out-dir`` once parsed)."""
   path = Path(text).expanduser()
-  if path.exists() and not path.is_dir():
+  if path.is_absolute() and path.exists() and not path.is_dir():
     raise argparse.ArgumentTypeError(f"{text!r} exists and is not a folder")
   return text
 

@@ -54,7 +54,7 @@ def main(argv=None) -> dict:
   ap.add_argument("--quick", action="store_true", help="the default; kept for old command lines")
   ap.add_argument("--no-quant", action="store_true", help="skip the quantization table")
   ap.add_argument("--new-tokens", type=_cli.positive_int, default=48, help="tokens generated after the prompt")
-  ap.add_argument("--out", type=_cli.output_dir, default="results", help="folder for demo.json")
+  ap.add_argument("--out", type=_cli.output_dir, default=".", help="folder for demo.json (relative: under --out-dir)")
   args = ap.parse_args(argv)
   if args.eval_tokens and args.eval_tokens < args.seq_len:
     ap.error(f"argument --eval-tokens: {args.eval_tokens} is less than one window of --seq-len {args.seq_len} "

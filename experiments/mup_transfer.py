@@ -33,7 +33,7 @@ def main(argv=None) -> dict:
   ap.add_argument("--quick", action="store_true", help="small widths and grids, short runs")
   ap.add_argument("--only", choices=["llama", "synthetic"], help="run one setting only")
   ap.add_argument("--json", type=_cli.output_file, help="write the results here")
-  ap.add_argument("--figures", type=_cli.output_dir, help="folder for the figures (default: results/ without --quick)")
+  ap.add_argument("--figures", type=_cli.output_dir, help="folder for the figures (default: --out-dir without --quick)")
   ap.add_argument("--no-progress", action="store_true", help="no progress bars")
   ap.add_argument("--replot", type=_cli.existing_file, help="a saved result JSON: re-fit and redraw it, no training")
   args = ap.parse_args(argv)
@@ -49,7 +49,7 @@ def main(argv=None) -> dict:
     if args.only:
       config = dataclasses.replace(config, **{"synthetic" if args.only == "llama" else "llama": None})
     result = mup_transfer.run_study(config, progress=not args.no_progress)
-  figures = args.figures if args.figures or args.quick else "results"
+  figures = args.figures if args.figures or args.quick else args.out_dir
   if figures:
     result["figures"] = mup_transfer.save_figures(result, figures)
   for name in ("llama", "synthetic"):

@@ -1,7 +1,7 @@
 """Held-out perplexity against bits per weight for every P7 method (the Pareto study).
 
   python experiments/pareto.py [--bits 3 4] [--seeds 0 1 2] [--configs gptq squeezellm ...]
-      [--json results/pareto.json [--resume]] [--md results/pareto.md] [--plot results/pareto.png]
+      [--json pareto.json [--resume]] [--md pareto.md] [--plot pareto.png]
 
 Each seed draws its own calibration windows from the training works (32 x 512 by
 default, the sampler and sizes of ``seed_variance.py``); the diagonal Fisher of

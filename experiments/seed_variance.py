@@ -4,7 +4,7 @@
       [--methods rtn gptq adadim-gptq] [--pipelines true-sequential reference]
       [--scale-dtypes float16 float32] [--from-parity results/gptq_parity.json]
       [--from-pareto results/pareto.json]
-      [--json results/seed_variance.json [--resume]] [--md results/seed_variance.md]
+      [--json seed_variance.json [--resume]] [--md seed_variance.md]
 
 Each seed draws its own 32 x 512 calibration windows from the training works (lqx's
 sampler); every run is evaluated on the same first ``--eval-tokens`` held-out tokens.

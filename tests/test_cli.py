@@ -133,3 +133,27 @@ def test_usage_error_in_process_exits_with_one_line(capsys):
     run_script("quantize", ["--eval-tokens", "-5"])
   assert e.value.code == 2
   assert capsys.readouterr().err == "error: argument --eval-tokens: expected an int >= 0, got -5\n"
+
+
+def test_outputs_go_under_out_dir(tmp_path, monkeypatch):
+  """Relative output paths land under --out-dir (default: the repo's results/), whatever the current
+  directory; absolute ones stay; inputs are not moved; a missing sub-folder is a one-line error."""
+  monkeypatch.syspath_prepend(str(EXPERIMENTS))
+  import _cli  # noqa: PLC0415
+
+  monkeypatch.chdir(tmp_path)
+  ap = _cli.parser("t")
+  ap.add_argument("--json", type=_cli.output_file)
+  ap.add_argument("--figures", type=_cli.output_dir)
+  ap.add_argument("--inp", type=str)
+  ns = ap.parse_args(["--json", "a.json", "--figures", "figs", "--inp", "x.txt"])
+  assert ns.json == str(_cli.RESULTS / "a.json") and ns.figures == str(_cli.RESULTS / "figs") and ns.inp == "x.txt"
+  assert _cli.RESULTS == EXPERIMENTS.parent / "results"
+  ns = ap.parse_args(["--json", "a.json", "--out-dir", str(tmp_path / "new"), "--figures", str(tmp_path / "f")])
+  assert ns.json == str(tmp_path / "new" / "a.json") and (tmp_path / "new").is_dir()
+  assert ns.figures == str(tmp_path / "f")
+  with pytest.raises(SystemExit):
+    ap.parse_args(["--json", "no/such/a.json", "--out-dir", str(tmp_path)])
+  (tmp_path / "file").write_text("")
+  with pytest.raises(SystemExit):
+    ap.parse_args(["--json", "a.json", "--out-dir", str(tmp_path / "file")])
