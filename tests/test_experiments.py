@@ -146,10 +146,25 @@ def test_allocate_smoke(tmp_path):
   run = next(r for r in res["runs"] if r["recipe"] == "allocator")
   assert run["bits_per_weight"] == pytest.approx(run["promised_bits_per_weight"], rel=1e-12)
   assert run["bits_per_weight"] <= 3.5 and len(run["chosen"]) == 7 and sum(run["counts"].values()) == 7
-  assert {r["recipe"] for r in res["runs"]} == {"allocator", "gptq w3 g128"}
+  assert {r["recipe"] for r in res["runs"]} == {"allocator", "gptq w3 g128", "squeezellm w3"}
   assert "| 3.5 | allocator |" in (tmp_path / "a.md").read_text()
   with pytest.raises(Exception, match="--candidates"):
-    run_script("allocate", ["--budget", "3", "--candidates", "gptq:3", "--json", str(tmp_path / "b.json")])
+    run_script("allocate", ["--budget", "3", "--candidates", "gptq:three", "--json", str(tmp_path / "b.json")])
+
+
+def test_allocate_candidates():
+  """``method:bits[:group][:rank][:key=value]``: defaults, options and clear errors (no model loaded)."""
+  spec = importlib.util.spec_from_file_location("allocate", EXPERIMENTS / "allocate.py")
+  allocate = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(allocate)
+  label, m = allocate.candidate("squeezellm:3:sensitive_frac=0.0005:outlier_frac=0.004")
+  assert label.startswith("squeezellm:3") and m.bits == 3 and m.outlier_frac == 0.004
+  assert allocate.candidate("gptq:3")[1].group_size == 128 and allocate.candidate("gptq:4:64")[1].group_size == 64
+  assert allocate.candidate("gptq+wlorc:3:128:8")[1].rank == 8
+  for bad in ("gptq", "gptq:x:128", "gptq:3:128:8", "gptq+lorc:3:128", "gptq:3:bits=4:128", "nope:3",
+              "squeezellm:3:outlier_frac=abc"):
+    with pytest.raises(Exception, match="--candidates"):
+      allocate.candidate(bad)
 
 
 def test_flexq_smoke(tmp_path):
