@@ -168,10 +168,18 @@ def test_allocate_candidates():
 
 
 def test_flexq_smoke(tmp_path):
-  res = run_script("flexq", ["--blocks", "1", "--eval-tokens", "512", "--json", str(tmp_path / "f.json"), "--md",
-                             str(tmp_path / "f.md")])
-  assert len(res["rows"]) == 8 and all(r["ppl"] < 1.5 * res["ppl_fp"] for r in res["rows"])
-  assert "| flexq | A8 |" in (tmp_path / "f.md").read_text()
+  res = run_script("flexq", ["--blocks", "1", "--eval-tokens", "512", "--grids", "flexq", "--seeds", "0", "1",
+                             "--calib-samples", "2", "--calib-seq-len", "64", "--json", str(tmp_path / "f.json"),
+                             "--md", str(tmp_path / "f.md"), "--plot", str(tmp_path / "f.png")])
+  assert len(res["rows"]) == 5 and all(r["ppl"] < 1.5 * res["ppl_fp"] for r in res["rows"])
+  md = (tmp_path / "f.md").read_text()
+  assert "| flexq | A8 |" in md and "| flexq | lqx measured" in md and (tmp_path / "f.png").stat().st_size > 0
+  runs = res["measured"]
+  assert [r["seed"] for r in runs] == [0, 1] and res["rows"][-1]["n_seeds"] == 2
+  for r in runs:  # block 0's four inputs; A8 within the rule's budget (down_proj at A8)
+    assert sorted(r["delta"]) == ["layers_0/attn_in", "layers_0/down_in", "layers_0/mlp_in", "layers_0/o_in"]
+    assert r["bits_per_token"] <= r["budget_bits_per_token"] < r["all_a8_bits_per_token"]
+    assert r["a8_down"] == ("layers_0/down_in" in r["a8"])
 
 
 def test_pareto_smoke(tmp_path):
