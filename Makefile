@@ -4,7 +4,7 @@ PY      ?= python3
 VENV    := .venv
 VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
-# Keep BLAS/XLA from oversubscribing the two cores when pytest forks.
+# Tests run in two pytest-xdist workers (one per core), whole files per worker (module fixtures load once).
 export PYTHONUNBUFFERED := 1
 
 # Ahead-of-time compile of the Pallas kernels for real TPU and GPU chips, on CPU.
@@ -36,7 +36,7 @@ demo-full: assets
 
 # kernels-env: tests/test_pallas_aot.py compiles the Pallas kernels for real TPU/GPU chips with it.
 test: assets kernels-env
-	$(VPY) -m pytest -q tests
+	$(VPY) -m pytest -q -n 2 --dist loadfile tests
 
 bench: assets
 	$(VPY) experiments/bench_forward.py
