@@ -596,7 +596,7 @@ def _owned_files(folder: Path) -> list[str]:
   return sorted(found)
 
 
-def _remove_owned(folder: Path, files: list[str]) -> None:
+def remove_owned(folder: Path, files) -> None:
   """Delete ``files`` (relative to ``folder``), then its folders that are left empty; warn if ``folder`` stays."""
   for rel in files:
     try:
@@ -669,7 +669,7 @@ def _clean_leftovers(dest: Path) -> None:
     elif SAVE_MARK in files:
       _discard(p)  # a temp folder whose writer is dead: everything in it is lqx's
     else:
-      _remove_owned(p, files)
+      remove_owned(p, files)
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -691,7 +691,7 @@ def _exchange(a: Path, b: Path) -> bool:
 def _replace(tmp: Path, dest: Path, old_files: list[str]) -> None:
   """Put the complete folder ``tmp`` at ``dest``, whose files are ``old_files``; never loses the old one on failure."""
   if _exchange(tmp, dest):
-    _remove_owned(tmp, old_files)  # ``tmp`` now holds the old checkpoint
+    remove_owned(tmp, old_files)  # ``tmp`` now holds the old checkpoint
     return
   old = _tmp_sibling(dest, OLD_MARK)
   os.rename(dest, old)
@@ -700,7 +700,7 @@ def _replace(tmp: Path, dest: Path, old_files: list[str]) -> None:
   except BaseException:
     os.rename(old, dest)
     raise
-  _remove_owned(old, old_files)
+  remove_owned(old, old_files)
 
 
 def is_checkpoint(path: str | Path) -> bool:

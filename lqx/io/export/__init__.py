@@ -22,6 +22,8 @@ import uuid
 from pathlib import Path
 from typing import Callable
 
+from lqx.io import checkpoint
+
 MANIFEST = "lqx_export.json"
 TMP_MARK = ".lqx-export-tmp-"
 OLD_MARK = ".lqx-export-old-"
@@ -79,22 +81,6 @@ def check_destination(out_dir: str | Path, overwrite: bool = False) -> Path:
   return dest
 
 
-def _remove(folder: Path, files) -> None:
-  """Delete ``files`` (relative to ``folder``), then the folders left empty, then ``folder`` if empty."""
-  for rel in files:
-    Path(folder, rel).unlink(missing_ok=True)
-  for root, dirs, _ in os.walk(folder, topdown=False):
-    for d in dirs:
-      try:
-        os.rmdir(os.path.join(root, d))
-      except OSError:
-        pass
-  try:
-    os.rmdir(folder)
-  except OSError:
-    pass
-
-
 def write_folder(out_dir: str | Path, write: Callable[[Path], None], *, kind: str,
                  overwrite: bool = False) -> Path:
   """Runs ``write(tmp)`` to fill a new temp folder, then puts it at ``out_dir``; returns that path.
@@ -124,7 +110,7 @@ def write_folder(out_dir: str | Path, write: Callable[[Path], None], *, kind: st
       except BaseException:
         os.rename(old, dest)
         raise
-      _remove(old, old_files)
+      checkpoint.remove_owned(old, old_files)  # what this export owned; a folder left is warned about
     else:
       os.rename(tmp, dest)
   except BaseException:
