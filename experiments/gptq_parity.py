@@ -14,7 +14,10 @@ with lqx's sampler and handed, as the same token ids, to
 
 It reports (a) given the reference's own Hessian of each layer, the fraction of
 identical codes lqx's solver picks (per layer; the minimum over the model is
-the number to read); (b) end to end, identical codes per layer, per-layer
+the number to read), with both solvers in float32 as run, and with both in
+float64 (the transcription's ``ref_solve`` and lqx's solver under
+``jax.enable_x64``, scales rounded to float32 on both sides), which takes
+float32 rounding out of the comparison; (b) end to end, identical codes per layer, per-layer
 relative proxy losses ``tr(dW^T H dW) / tr(W^T H W)`` (each side on its own
 Hessian), held-out perplexity of both models with one evaluator, and wall time.
 Arguments are checked before any model loads; an error prints one ``error: ...``
@@ -72,9 +75,16 @@ def run_reference(config, params, calib, bits, group_size, *, solver, n_blocks=N
                             GPTQConfig(bits=bits, group_size=group_size, scale_dtype=jnp.float32), name=path)
       lqx_codes = np.asarray(qa.codes())
       rec["solver_same_codes"] = float(np.mean(lqx_codes == codes.numpy().T))
-      if rec["solver_same_codes"] < 0.999:  # how far is each float32 solve from a float64 one?
-        _, c64 = _gr().ref_solve(w, h, bits, group_size, dtype=torch.float64)
-        c64 = c64.numpy().T
+      # Both solvers in float64 on the same H (scales rounded to float32 storage on both sides): the
+      # same algorithm must then pick the same codes, with float32's rounding out of the comparison.
+      _, c64 = _gr().ref_solve(w, h, bits, group_size, dtype=torch.float64, scale_dtype=torch.float32)
+      c64 = c64.numpy().T
+      with jax.enable_x64(True):
+        qa64, _ = gptq_quantize(jnp.asarray(wk, jnp.float64), jnp.asarray(hk, jnp.float64),
+                                GPTQConfig(bits=bits, group_size=group_size, scale_dtype=jnp.float32), name=path)
+        lqx64 = np.asarray(qa64.codes())
+      rec["f64_solver_same_codes"] = float(np.mean(lqx64 == c64))
+      if rec["solver_same_codes"] < 0.999:  # how far is each float32 solve from the float64 one?
         rec["f64_same_codes_lqx"] = float(np.mean(lqx_codes == c64))
         rec["f64_same_codes_reference"] = float(np.mean(codes.numpy().T == c64))
     layers[path] = rec
@@ -162,6 +172,16 @@ def main(argv=None) -> dict:
             f"({ref_s:.0f} s)" + (f"; lqx solver on the reference's H: identical codes min "
                                   f"{min(same):.5f} mean {np.mean(same):.5f} ({worst})" if same else ""),
             flush=True)
+      same64 = {k: l["f64_solver_same_codes"] for k, l in ref_layers.items() if "f64_solver_same_codes" in l}
+      if same64:
+        worst64 = min(same64, key=same64.get)
+        run["solver_on_reference_hessian_float64"] = {
+            "min_same_codes": same64[worst64], "mean_same_codes": float(np.mean(list(same64.values()))),
+            "worst_layer": worst64, "layers_below_99.9%": sum(v < 0.999 for v in same64.values()),
+            "layers": len(same64), "by_layer": same64}
+        print(f"  both solvers in float64 on the reference's H: identical codes min {same64[worst64]:.5f} "
+              f"mean {np.mean(list(same64.values())):.5f} ({worst64}), "
+              f"{sum(v < 0.999 for v in same64.values())} layers below 99.9%", flush=True)
       for k, l in run.get("solver_on_reference_hessian", {}).get("below", {}).items():
         print(f"  {k}: lqx vs reference {l['solver_same_codes']:.5f}; against a float64 solve: "
               f"lqx {l['f64_same_codes_lqx']:.5f}, reference {l['f64_same_codes_reference']:.5f}")

@@ -68,8 +68,8 @@ def _params(x: torch.Tensor, maxq: int, sym: bool, scale_dtype):
   xmin = torch.where(empty, -1.0, xmin)
   xmax = torch.where(empty, 1.0, xmax)
   scale = (xmax - xmin) / maxq
-  if scale_dtype is not None and scale_dtype != torch.float32:
-    scale = scale.to(scale_dtype).float()
+  if scale_dtype is not None and scale_dtype != x.dtype:  # rounded to the storage dtype, kept in x's precision
+    scale = scale.to(scale_dtype).to(x.dtype)
   zero = torch.full_like(scale, (maxq + 1) / 2) if sym else torch.round(-xmin / scale)
   return scale, zero
 
@@ -81,7 +81,8 @@ def ref_solve(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int = 128
   """GPTQ of torch-layout ``w`` (OC, IC) with Hessian ``h`` (IC, IC).
 
   Returns ``(q, codes)``: dequantized weights (OC, IC) and integer codes (OC, IC) int64.
-  ``dtype=torch.float64`` runs the same steps in double precision (a yardstick for float32 rounding);
+  ``dtype=torch.float64`` runs the same steps in double precision (a yardstick for float32 rounding;
+  with ``scale_dtype=torch.float32`` its scales are rounded to float32 as lqx stores them);
   ``u_dtype=torch.float64`` factors H in double precision only (U then rounded to ``dtype``).
   """
   W = w.clone().to(dtype)

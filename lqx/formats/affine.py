@@ -139,7 +139,8 @@ def scale_bounds(scale_dtype) -> tuple[float, float]:
 
 
 def round_scale(scale: jax.Array, scale_dtype) -> jax.Array:
-  """Scale as stored: clipped to the finite positive range of ``scale_dtype``, rounded, float32.
+  """Scale as stored: clipped to the finite positive range of ``scale_dtype``, rounded, float32
+  (float64 for a float64 ``scale`` under ``jax.enable_x64``).
 
   float16 scales below 6.1e-5 are subnormal and keep fewer mantissa bits; use
   bfloat16 or float32 for such tiny weights. A clipped scale (float16: above 65504,
@@ -149,8 +150,9 @@ def round_scale(scale: jax.Array, scale_dtype) -> jax.Array:
   """
   dt = check_scale_dtype(scale_dtype)
   lo, hi = scale_bounds(dt)
-  scale = jnp.clip(scale.astype(jnp.float32), lo, hi)
-  return scale.astype(dt).astype(jnp.float32)
+  ft = jnp.promote_types(jnp.result_type(scale), jnp.float32)  # float64 only under jax.enable_x64
+  scale = jnp.clip(scale.astype(ft), lo, hi)
+  return scale.astype(dt).astype(ft)
 
 
 def ieee_div(a, b) -> jax.Array:

@@ -49,6 +49,12 @@ Group parameters per layout:
   ``1e-5`` clamp instead.
 * ``group_size=-1`` (per channel) and ``group_axis="tensor"``: fixed in step 1.
 
+Precision: the solve runs in float32, or in float64 when ``H`` is float64 under
+``jax.enable_x64`` (scales are still rounded to ``scale_dtype``). Two correct
+float32 solves of an ill-conditioned ``H`` can differ in ~0.2% of codes (near-tie
+flips fed forward); in float64 lqx and the reference transcription agree in every
+layer (``experiments/gptq_parity.py``, ``tests/test_gptq_pipeline.py``).
+
 Rows of ``w`` (output channels are its columns) are independent given ``H``;
 the solve only contracts over IC, so ``w`` may be sharded along OC.
 """
@@ -195,12 +201,12 @@ def inv_chol_upper(h: jax.Array, damp: float, max_retries: int):
   Returns ``(U, damp * 10**k, ok)``; ``ok`` is False if every attempt failed.
   """
   n = h.shape[0]
-  eye = jnp.eye(n, dtype=jnp.float32)
+  eye = jnp.eye(n, dtype=h.dtype)
   h = (h + h.T) / 2
   mean_diag = jnp.mean(jnp.diagonal(h))
 
   def attempt(k):
-    rel = damp * (10.0 ** k.astype(jnp.float32))
+    rel = damp * (10.0 ** k.astype(h.dtype))
     hd = h + (rel * mean_diag) * eye
     # H = R R^T with R upper: R is the lower factor L of the index-reversed H,
     # reversed, and U = R^-1 is L^-1 reversed.
@@ -228,8 +234,9 @@ def _solve(w: jax.Array, h: jax.Array, config: GPTQConfig):
   mode = _mode(config)
   mq = affine.maxq(bits)
   fp = functools.partial(grid.find_params, bits=bits, sym=config.sym, mse=config.mse, scale_dtype=sd)
-  w0 = w.astype(jnp.float32)
-  h0 = h.astype(jnp.float32)
+  ft = jnp.promote_types(h.dtype, jnp.float32)  # float64 only for a float64 H under jax.enable_x64
+  w0 = w.astype(ft)
+  h0 = h.astype(ft)
 
   # 1. Fixed (per-channel / per-tensor) parameters, from w before dead rows are zeroed.
   if mode == "fixed":
@@ -240,7 +247,7 @@ def _solve(w: jax.Array, h: jax.Array, config: GPTQConfig):
       fixed = fp(w0, axis=0)
   # 2. Dead inputs.
   dead = jnp.diagonal(h0) == 0
-  hh = h0 + jnp.diag(dead.astype(jnp.float32))
+  hh = h0 + jnp.diag(dead.astype(ft))
   ww = jnp.where(dead[:, None], 0.0, w0)
   if mode in ("static", "dynamic"):
     gsz = affine.group_shape(w.shape, g, "oc")[0]  # min(g, IC); groups start at multiples of it
@@ -268,16 +275,16 @@ def _solve(w: jax.Array, h: jax.Array, config: GPTQConfig):
   icp = nb * bs
   wp = jnp.pad(ww, ((0, icp - ic), (0, 0)))
   up = jnp.pad(u, ((0, icp - ic), (0, icp - ic))) + jnp.diag(
-      (jnp.arange(icp) >= ic).astype(jnp.float32))
+      (jnp.arange(icp) >= ic).astype(ft))
 
   if mode == "ic":
     go = oc if g == -1 else g
-    store = (jnp.zeros((icp, oc // go), jnp.float32),) * 2  # per-row group params
+    store = (jnp.zeros((icp, oc // go), ft),) * 2  # per-row group params
   elif mode == "dynamic":
-    store = (jnp.zeros((n_groups, oc), jnp.float32),) * 2  # per-group params
+    store = (jnp.zeros((n_groups, oc), ft),) * 2  # per-group params
   else:
     store = ()
-  cur0 = (jnp.ones((oc,), jnp.float32), jnp.zeros((oc,), jnp.float32))
+  cur0 = (jnp.ones((oc,), ft), jnp.zeros((oc,), ft))
 
   def row_params(c, row, snapshot, store, cur):
     """(scale, zero) for row ``c`` (both (OC,)), plus updated store / current group."""
@@ -330,7 +337,7 @@ def _solve(w: jax.Array, h: jax.Array, config: GPTQConfig):
       err1 = jax.lax.dynamic_update_slice(err1, err[None], (i, 0))
       return codes1, err1, store, cur, loss
 
-    init = (jnp.zeros((bs, oc), jnp.uint8), jnp.zeros((bs, oc), jnp.float32), store, cur, loss)
+    init = (jnp.zeros((bs, oc), jnp.uint8), jnp.zeros((bs, oc), ft), store, cur, loss)
     codes1, err1, store, cur, loss = jax.lax.fori_loop(0, bs, column, init)
     codes = jax.lax.dynamic_update_slice(codes, codes1, (i1, 0))
     # Lazy batch update of every later row: w[i2:] -= U[i1:i2, i2:]^T err1.
@@ -339,7 +346,7 @@ def _solve(w: jax.Array, h: jax.Array, config: GPTQConfig):
     wfull = wfull - jnp.einsum("bj,bo->jo", urows, err1, precision=_HI)
     return wfull, codes, store, cur, loss
 
-  carry = (wp, jnp.zeros((icp, oc), jnp.uint8), store, cur0, jnp.zeros((oc,), jnp.float32))
+  carry = (wp, jnp.zeros((icp, oc), jnp.uint8), store, cur0, jnp.zeros((oc,), ft))
   _, codes, store, _, gptq_loss = jax.lax.fori_loop(0, nb, block, carry)
   codes = codes[:ic]
 

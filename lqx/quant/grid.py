@@ -85,7 +85,7 @@ def find_params(x: jax.Array, *, bits: int, sym: bool, axis, mse: bool = False,
   packing.check_bits(bits)
   axes = (axis,) if isinstance(axis, int) else tuple(axis)
   mq = affine.maxq(bits)
-  x = x.astype(jnp.float32)
+  x = x.astype(jnp.promote_types(x.dtype, jnp.float32))  # float64 stays float64 (jax.enable_x64)
   if mask is not None:  # masked-out entries read as 0, which the range always contains
     x = jnp.where(mask, x, 0.0)
   xmin = jnp.minimum(jnp.min(x, axis=axes), 0.0)
@@ -107,7 +107,7 @@ def find_params(x: jax.Array, *, bits: int, sym: bool, axis, mse: bool = False,
   if not mse:
     return scale, zero
 
-  shrink = jnp.asarray([1 - i / grid for i in range(int(maxshrink * grid))], jnp.float32)
+  shrink = jnp.asarray([1 - i / grid for i in range(int(maxshrink * grid))], x.dtype)
 
   def body(i, carry):
     best, scale, zero = carry
@@ -119,7 +119,7 @@ def find_params(x: jax.Array, *, bits: int, sym: bool, axis, mse: bool = False,
     better = err < best
     return jnp.where(better, err, best), jnp.where(better, s1, scale), jnp.where(better, z1, zero)
 
-  init = (jnp.full(scale.shape, jnp.inf, jnp.float32), scale, zero)
+  init = (jnp.full(scale.shape, jnp.inf, x.dtype), scale, zero)
   _, scale, zero = jax.lax.fori_loop(0, shrink.shape[0], body, init)
   return scale, zero
 
