@@ -126,10 +126,17 @@ def main(argv=None) -> dict:
   ap.add_argument("--no-solver-check", action="store_true", help="skip (a), lqx's solver on the reference's H")
   ap.add_argument("--reference-variants", action="store_true",
                   help="also run the reference with rounding-only changes (8 sequences per forward; float64 "
-                       "Hessian sums) on the first seed and evaluate them: how far the reference moves under float "
+                       "Hessian sums) on --variant-seeds and evaluate them: how far the reference moves under float "
                        "rounding alone")
+  ap.add_argument("--variants", nargs="+", choices=["batch8", "float64_hessian"], default=["batch8", "float64_hessian"],
+                  help="with --reference-variants: which rounding-only changes to run")
+  ap.add_argument("--variant-seeds", type=_cli.nonneg_int, nargs="+",
+                  help="with --reference-variants: the seeds to run them on (default: the first of --seeds)")
   ap.add_argument("--json", type=_cli.output_file, help="write the results here")
   args = ap.parse_args(argv)
+  variant_seeds = args.seeds[:1] if args.variant_seeds is None else args.variant_seeds
+  if args.reference_variants and not set(variant_seeds) <= set(args.seeds):
+    ap.error(f"argument --variant-seeds: {sorted(set(variant_seeds) - set(args.seeds))} not in --seeds")
   if args.eval_tokens and args.eval_tokens < args.eval_seq_len:
     ap.error(f"argument --eval-tokens: {args.eval_tokens} is less than one window of --eval-seq-len "
              f"{args.eval_seq_len} (0: all tokens)")
@@ -185,8 +192,9 @@ def main(argv=None) -> dict:
       for k, l in run.get("solver_on_reference_hessian", {}).get("below", {}).items():
         print(f"  {k}: lqx vs reference {l['solver_same_codes']:.5f}; against a float64 solve: "
               f"lqx {l['f64_same_codes_lqx']:.5f}, reference {l['f64_same_codes_reference']:.5f}")
-      if args.reference_variants and seed == args.seeds[0]:
-        for label, kw in (("batch8", dict(batch_size=8)), ("float64_hessian", dict(hessian_dtype=torch.float64))):
+      if args.reference_variants and seed in variant_seeds:
+        variants = {"batch8": dict(batch_size=8), "float64_hessian": dict(hessian_dtype=torch.float64)}
+        for label, kw in ((v, variants[v]) for v in args.variants):
           var_params, _, var_s = run_reference(config, params, calib, bits, args.group_size, solver=solver,
                                                n_blocks=args.n_blocks, check_solver=False, **kw)
           run[f"reference_{label}"] = {"ppl": ppl(var_params), "seconds": var_s}

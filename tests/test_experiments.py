@@ -102,10 +102,14 @@ def test_gptq_parity_smoke(tmp_path):
   pytest.importorskip("torch")
   out = tmp_path / "p.json"
   res = run_script("gptq_parity", ["--bits", "3", "--seeds", "0", "--calib-samples", "2", "--n-blocks", "1",
-                                   "--lqx-modes", "reference", "--eval-tokens", "512", "--json", str(out)])
+                                   "--lqx-modes", "reference", "--eval-tokens", "512", "--reference-variants",
+                                   "--variants", "float64_hessian", "--json", str(out)])
   run = json.loads(out.read_text())["runs"][0]
   assert run["solver_on_reference_hessian"]["layers"] == 7
   assert run["solver_on_reference_hessian"]["mean_same_codes"] > 0.99
+  f64 = run["solver_on_reference_hessian_float64"]  # both solvers in float64: every layer >= 99.9%
+  assert f64["layers"] == 7 and f64["min_same_codes"] >= 0.999 and f64["layers_below_99.9%"] == 0
+  assert run["reference_float64_hessian"]["ppl"] > 1 and "reference_batch8" not in run
   assert run["lqx_reference_float32"]["e2e_same_codes_mean"] > 0.99  # block 0: identical inputs
   assert res["runs"][0]["reference"]["ppl"] > 1
 
