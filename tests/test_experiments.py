@@ -233,3 +233,27 @@ def test_bench_kmeans_smoke(tmp_path):
                   "4", "--oracle-max-n", "600", "--json", str(tmp_path / "k.json")], check=True, timeout=900)
   res = json.loads((tmp_path / "k.json").read_text())
   assert res["rows"] == 5184 and 0 <= res["bits"]["3"]["frac_lqx_le_sklearn"] <= 1
+
+
+def _parity_doc(seeds, ref_ppl, lqx_ppl, sha="s"):
+  settings = {"model": "m", "group_size": 128, "calib_samples": 32, "calib_seq_len": 512, "eval_tokens": 16384}
+  lqx = lambda p: {"ppl": p, "e2e_same_codes_mean": 0.8, "proxy_ratio_median": 1.0}  # noqa: E731
+  runs = [{"bits": 3, "seed": s, "calibration_sha256": f"{sha}{s}", "reference": {"ppl": r},
+           "lqx_reference_float32": lqx(q),
+           "solver_on_reference_hessian_float64": {"min_same_codes": 1.0, "mean_same_codes": 1.0,
+                                                   "layers_below_99.9%": 0, "layers": 210}}
+          for s, r, q in zip(seeds, ref_ppl, lqx_ppl)]
+  return {**settings, "runs": runs}
+
+
+def test_parity_table_merges_seeds_and_pairs_them(tmp_path):
+  a, b = tmp_path / "a.json", tmp_path / "b.json"
+  a.write_text(json.dumps(_parity_doc([0, 1], [100.0, 120.0], [95.0, 114.0])))
+  b.write_text(json.dumps(_parity_doc([2], [110.0], [104.5])))
+  text = run_script("parity_table", [str(a), str(b), "--md", str(tmp_path / "t.md")])
+  assert "seeds 0, 1, 2" in text and "| 2 | 110.0 | 104.5 |" in text
+  assert "-5.0% ± 0.0%" in text  # every seed's lqx is 0.95x its reference: the paired ratio has no spread
+  assert "both solvers in float64" in text and (tmp_path / "t.md").read_text() == text
+  b.write_text(json.dumps(_parity_doc([1], [120.0], [114.0], sha="other")))  # seed 1 with other tokens
+  with pytest.raises(ValueError, match="other calibration tokens"):
+    run_script("parity_table", [str(a), str(b)])
