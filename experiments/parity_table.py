@@ -73,8 +73,8 @@ def _paired(ratios: list[float]) -> str:
 
 
 def columns(runs: list[dict]) -> list[str]:
-  """lqx result keys present in every run, reference pipeline first."""
-  keys = [k for k in runs[0] if k.startswith("lqx_") and all(k in r for r in runs)]
+  """lqx result keys present in any run, reference pipeline first."""
+  keys = {k for r in runs for k in r if k.startswith("lqx_")}
   return sorted(keys, key=lambda k: (k.split("_")[1] != "reference", k))
 
 
@@ -84,7 +84,8 @@ def label(key: str) -> str:
 
 
 def table(bits: int, runs: list[dict], group_size: int) -> str:
-  """Markdown for one bit width; ``runs`` sorted by seed, all with the same lqx columns."""
+  """Markdown for one bit width; ``runs`` sorted by seed. A column missing on some seeds shows "–"
+  there, and its summaries (marked ``n=``) use the seeds it has."""
   cols = columns(runs)
   ref = [r["reference"]["ppl"] for r in runs]
   lines = [f"**W{bits} g{group_size}**, seeds {', '.join(str(r['seed']) for r in runs)}", "",
@@ -92,18 +93,21 @@ def table(bits: int, runs: list[dict], group_size: int) -> str:
            "|---" * (len(cols) + 2) + "|"]
   for r in runs:
     lines.append(f"| {r['seed']} | {r['reference']['ppl']:.1f} | " +
-                 " | ".join(f"{r[c]['ppl']:.1f}" for c in cols) + " |")
-  means = {c: [r[c]["ppl"] for r in runs] for c in cols}
+                 " | ".join(f"{r[c]['ppl']:.1f}" if c in r else "–" for c in cols) + " |")
+  have = {c: [r for r in runs if c in r] for c in cols}
+  n = {c: "" if len(rs) == len(runs) else f" (n={len(rs)})" for c, rs in have.items()}
+  ppl = {c: [r[c]["ppl"] for r in rs] for c, rs in have.items()}
+  ref_of = {c: [r["reference"]["ppl"] for r in rs] for c, rs in have.items()}
   lines.append(f"| **mean ± sd** | **{statistics.fmean(ref):.1f} ± {_sd(ref):.1f}** | " +
-               " | ".join(f"**{statistics.fmean(v):.1f} ± {_sd(v):.1f}**" for v in means.values()) + " |")
-  lines.append("| mean vs reference's mean | | " +
-               " | ".join(f"{statistics.fmean(v) / statistics.fmean(ref) - 1:+.1%}" for v in means.values()) + " |")
+               " | ".join(f"**{statistics.fmean(ppl[c]):.1f} ± {_sd(ppl[c]):.1f}**{n[c]}" for c in cols) + " |")
+  lines.append("| mean vs reference's mean (same seeds) | | " +
+               " | ".join(f"{statistics.fmean(ppl[c]) / statistics.fmean(ref_of[c]) - 1:+.1%}" for c in cols) + " |")
   lines.append("| paired: lqx / reference per seed, mean ± sd [95% t-interval] | | " +
-               " | ".join(_paired([a / b for a, b in zip(v, ref)]) for v in means.values()) + " |")
-  lines.append("| same codes as the reference end to end (mean over layers; median over seeds) | | " +
-               " | ".join(f"{statistics.median(r[c]['e2e_same_codes_mean'] for r in runs):.3f}" for c in cols) + " |")
-  lines.append("| per-layer proxy loss / reference's (median over layers; median over seeds) | | " +
-               " | ".join(f"{statistics.median(r[c]['proxy_ratio_median'] for r in runs):.3f}" for c in cols) + " |")
+               " | ".join(_paired([a / b for a, b in zip(ppl[c], ref_of[c])]) for c in cols) + " |")
+  for key, what in (("e2e_same_codes_mean", "same codes as the reference end to end (mean over layers)"),
+                    ("proxy_ratio_median", "per-layer proxy loss / reference's (median over layers)")):
+    lines.append(f"| {what}; median over seeds | | " +
+                 " | ".join(f"{statistics.median(r[c][key] for r in have[c]):.3f}" for c in cols) + " |")
   lines.append("")
   for key, what in (("solver_on_reference_hessian", "both solvers in float32, as run"),
                     ("solver_on_reference_hessian_float64", "both solvers in float64 (scales rounded to float32)")):

@@ -248,10 +248,14 @@ def _parity_doc(seeds, ref_ppl, lqx_ppl, sha="s"):
 
 def test_parity_table_merges_seeds_and_pairs_them(tmp_path):
   a, b = tmp_path / "a.json", tmp_path / "b.json"
-  a.write_text(json.dumps(_parity_doc([0, 1], [100.0, 120.0], [95.0, 114.0])))
+  doc = _parity_doc([0, 1], [100.0, 120.0], [95.0, 114.0])
+  for run in doc["runs"]:  # a column only the first file has
+    run["lqx_true-sequential_float32"] = {**run["lqx_reference_float32"], "ppl": run["reference"]["ppl"]}
+  a.write_text(json.dumps(doc))
   b.write_text(json.dumps(_parity_doc([2], [110.0], [104.5])))
   text = run_script("parity_table", [str(a), str(b), "--md", str(tmp_path / "t.md")])
-  assert "seeds 0, 1, 2" in text and "| 2 | 110.0 | 104.5 |" in text
+  assert "seeds 0, 1, 2" in text and "| 2 | 110.0 | 104.5 | – |" in text
+  assert "**110.0 ± 14.1** (n=2)" in text
   assert "-5.0% ± 0.0%" in text  # every seed's lqx is 0.95x its reference: the paired ratio has no spread
   assert "both solvers in float64" in text and (tmp_path / "t.md").read_text() == text
   b.write_text(json.dumps(_parity_doc([1], [120.0], [114.0], sha="other")))  # seed 1 with other tokens
