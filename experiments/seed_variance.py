@@ -86,6 +86,16 @@ def from_parity(path: str) -> list[dict]:
   return runs
 
 
+def merge_parity(paths: list[str]) -> list[dict]:
+  """:func:`from_parity` over ``paths``; a run in several files (e.g. seeds rerun with more checks)
+  counts once, the last file's."""
+  merged = {}
+  for path in paths:
+    for r in from_parity(path):
+      merged[(r["method"], r["bits"], r["group_size"], r["pipeline"], r["scale_dtype"], r["seed"])] = r
+  return list(merged.values())
+
+
 def from_pareto(path: str, calib_samples: int, calib_seq_len: int, eval_tokens: int) -> list[dict]:
   """RTN, GPTQ and AdaDim-GPTQ runs of a pareto.py JSON as seed_variance runs (``source: pareto``)."""
   res = json.loads(Path(path).read_text())
@@ -128,7 +138,7 @@ def main(argv=None) -> dict:
   ap.add_argument("--eval-tokens", type=_cli.int_at_least(512, "an int >= 512 (one window of 512 tokens)"),
                   default=16384, help="held-out tokens evaluated (windows of 512)")
   ap.add_argument("--from-parity", nargs="*", type=_cli.existing_file, default=[],
-                  help="gptq_parity.py JSONs whose runs to reuse")
+                  help="gptq_parity.py JSONs whose runs to reuse (a run in several: the last file's)")
   ap.add_argument("--from-pareto", nargs="*", type=_cli.existing_file, default=[],
                   help="take RTN/GPTQ/AdaDim-GPTQ runs from these pareto.py JSON files instead of rerunning them")
   ap.add_argument("--json", type=_cli.output_file, help="write runs and summary here (rewritten after every run)")
@@ -146,12 +156,12 @@ def main(argv=None) -> dict:
   tok = io.load_tokenizer(args.model)
   train = data.tokenize(tok, data.load_text("train"))
   heldout = data.tokenize(tok, data.load_text("heldout"))
-  runs = [r for p in args.from_parity for r in from_parity(p)]
-  if args.resume and args.json and Path(args.json).exists():  # keep this script's own earlier runs
-    runs += [r for r in json.loads(Path(args.json).read_text())["runs"] if "quantize_seconds" in r]
-
   def key(r):
     return r["method"], r["bits"], r["group_size"], r["pipeline"], r["scale_dtype"], r["seed"]
+
+  runs = merge_parity(args.from_parity)
+  if args.resume and args.json and Path(args.json).exists():  # keep this script's own earlier runs
+    runs += [r for r in json.loads(Path(args.json).read_text())["runs"] if "quantize_seconds" in r]
 
   done = {key(r) for r in runs}
   for p in args.from_pareto:

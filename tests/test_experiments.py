@@ -261,3 +261,19 @@ def test_parity_table_merges_seeds_and_pairs_them(tmp_path):
   b.write_text(json.dumps(_parity_doc([1], [120.0], [114.0], sha="other")))  # seed 1 with other tokens
   with pytest.raises(ValueError, match="other calibration tokens"):
     run_script("parity_table", [str(a), str(b)])
+
+
+def test_seed_variance_counts_a_seed_in_two_parity_files_once(tmp_path):
+  spec = importlib.util.spec_from_file_location("seed_variance", EXPERIMENTS / "seed_variance.py")
+  sv = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(sv)
+  docs = [_parity_doc([0, 1], [100.0, 120.0], [95.0, 114.0]), _parity_doc([1, 2], [121.0, 110.0], [115.0, 104.0])]
+  paths = []
+  for i, doc in enumerate(docs):
+    for run in doc["runs"]:
+      run["lqx_reference_float32"].update(mode="reference", scale_dtype="float32")
+    paths.append(tmp_path / f"{i}.json")
+    paths[-1].write_text(json.dumps(doc))
+  rows = {r["method"]: r for r in sv.summarize(sv.merge_parity([str(p) for p in paths]))}
+  assert rows["gptq (IST-DASLab reference)"]["ppls"] == [100.0, 121.0, 110.0]  # seed 1 from the later file
+  assert rows["gptq"]["seeds"] == [0, 1, 2]
