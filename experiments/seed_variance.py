@@ -161,7 +161,9 @@ def main(argv=None) -> dict:
 
   runs = merge_parity(args.from_parity)
   if args.resume and args.json and Path(args.json).exists():  # keep this script's own earlier runs
-    runs += [r for r in json.loads(Path(args.json).read_text())["runs"] if "quantize_seconds" in r]
+    done = {key(r) for r in runs}  # a run the parity files also have counts once (theirs)
+    runs += [r for r in json.loads(Path(args.json).read_text())["runs"]
+             if "quantize_seconds" in r and key(r) not in done]
 
   done = {key(r) for r in runs}
   for p in args.from_pareto:
