@@ -86,13 +86,18 @@ def from_parity(path: str) -> list[dict]:
   return runs
 
 
+def run_key(r: dict) -> tuple:
+  """What makes two runs the same run: method, setting, pipeline, scale dtype and seed."""
+  return r["method"], r["bits"], r["group_size"], r["pipeline"], r["scale_dtype"], r["seed"]
+
+
 def merge_parity(paths: list[str]) -> list[dict]:
   """:func:`from_parity` over ``paths``; a run in several files (e.g. seeds rerun with more checks)
   counts once, the last file's."""
   merged = {}
   for path in paths:
     for r in from_parity(path):
-      merged[(r["method"], r["bits"], r["group_size"], r["pipeline"], r["scale_dtype"], r["seed"])] = r
+      merged[run_key(r)] = r
   return list(merged.values())
 
 
@@ -156,19 +161,17 @@ def main(argv=None) -> dict:
   tok = io.load_tokenizer(args.model)
   train = data.tokenize(tok, data.load_text("train"))
   heldout = data.tokenize(tok, data.load_text("heldout"))
-  def key(r):
-    return r["method"], r["bits"], r["group_size"], r["pipeline"], r["scale_dtype"], r["seed"]
-
   runs = merge_parity(args.from_parity)
   if args.resume and args.json and Path(args.json).exists():  # keep this script's own earlier runs
-    done = {key(r) for r in runs}  # a run the parity files also have counts once (theirs)
+    done = {run_key(r) for r in runs}  # a run the parity files also have counts once (theirs)
     runs += [r for r in json.loads(Path(args.json).read_text())["runs"]
-             if "quantize_seconds" in r and key(r) not in done]
+             if "quantize_seconds" in r and run_key(r) not in done]
 
-  done = {key(r) for r in runs}
+  done = {run_key(r) for r in runs}
   for p in args.from_pareto:
-    runs += [r for r in from_pareto(p, args.calib_samples, args.calib_seq_len, args.eval_tokens) if key(r) not in done]
-  done = {key(r) for r in runs}
+    runs += [r for r in from_pareto(p, args.calib_samples, args.calib_seq_len, args.eval_tokens)
+             if run_key(r) not in done]
+  done = {run_key(r) for r in runs}
 
   def save():
     out = {"calib_samples": args.calib_samples, "calib_seq_len": args.calib_seq_len,
